@@ -1,0 +1,65 @@
+# One entry point for set-up, tests, lint, demo and benchmarks. Every target bootstraps what it needs
+# (a virtualenv with pinned dependencies, a release build of the extension), so on a fresh machine with
+# Python 3.11, a Rust toolchain and make, `make demo` and `make test` are all there is to run.
+
+PYTHON_BIN ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+DEPS_STAMP := $(VENV)/.deps-installed
+# The PyO3 build script (cargo test/clippy/maturin) must see the venv's interpreter.
+export PYO3_PYTHON := $(abspath $(PY))
+# No model hub, ever: tests and benchmarks build models from configs.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: all venv develop test test-rust test-python lint fmt demo bench clean
+
+all: test
+
+$(PY):
+	$(PYTHON_BIN) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(DEPS_STAMP): requirements-dev.txt | $(PY)
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+venv: $(DEPS_STAMP)
+
+# Release build of fastadapter._core into the venv (incremental: cheap when nothing changed).
+develop: $(DEPS_STAMP)
+	$(VENV)/bin/maturin develop --release --quiet
+
+test-rust:
+	cargo test --quiet
+
+test-python: develop
+	$(PY) -m pytest -q tests
+
+lint: $(DEPS_STAMP)
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets --quiet -- -D warnings
+	$(VENV)/bin/ruff check python tests benches scripts
+	$(VENV)/bin/ruff format --check python tests benches scripts
+	$(VENV)/bin/mypy
+
+fmt: $(DEPS_STAMP)
+	cargo fmt --all
+	$(VENV)/bin/ruff format python tests benches scripts
+	$(VENV)/bin/ruff check --fix python tests benches scripts
+
+# The README's test command: bootstrap, Rust tests, lint, Python tests. Fails on any failure.
+test: develop test-rust lint test-python
+
+# The README's main job: a generated model, LoRA added, saved by fastadapter and by PEFT, files compared.
+demo: develop
+	$(PY) scripts/demo.py
+
+# Benchmarks against PEFT / safetensors / raw writes, all in one run, then the ratio table.
+bench: develop
+	$(PY) -m pytest benches --benchmark-only --benchmark-json=.benchmarks/latest.json -q
+	$(PY) benches/compare.py .benchmarks/latest.json
+
+clean:
+	cargo clean
+	rm -rf $(VENV) .benchmarks .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,55 @@
+# Type stubs for the native module fastadapter._core (rust/python/src). Keep in sync by hand.
+from collections.abc import Sequence
+from os import PathLike
+from typing import final
+
+from typing_extensions import Buffer
+
+__version__: str
+
+# (name, safetensors dtype, shape, start, end); offsets are absolute byte positions in the file.
+Record = tuple[str, str, list[int], int, int]
+
+@final
+class SafetensorsFile:
+    """A validated, privately (copy-on-write) mapped safetensors file; exports the mapping as a buffer."""
+
+    def __new__(cls, path: str | PathLike[str]) -> SafetensorsFile: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def metadata(self) -> dict[str, str]: ...
+    @property
+    def header_len(self) -> int: ...
+    def __len__(self) -> int: ...
+    def entries(self) -> list[Record]: ...
+    def select(
+        self,
+        prefix: str | None = None,
+        pattern: str | None = None,
+        renames: Sequence[tuple[str, str]] | None = None,
+    ) -> list[Record]: ...
+    def __buffer__(self, flags: int, /) -> memoryview: ...
+
+@final
+class PendingFile:
+    """A file staged beside its target; ``commit()`` renames it into place, ``discard()`` removes it."""
+
+    @property
+    def target(self) -> str: ...
+    @property
+    def temp_path(self) -> str: ...
+    def commit(self) -> None: ...
+    def discard(self) -> None: ...
+
+def write_safetensors(
+    path: str | PathLike[str],
+    tensors: Sequence[tuple[str, str, Sequence[int], Buffer]],
+    metadata: dict[str, str] | None = None,
+    fsync: bool = False,
+) -> PendingFile: ...
+def stage_bytes(path: str | PathLike[str], data: bytes, fsync: bool = False) -> PendingFile: ...
+def plan_header(
+    tensors: Sequence[tuple[str, str, Sequence[int], int]],
+    metadata: dict[str, str] | None = None,
+) -> tuple[bytes, list[int], int]: ...

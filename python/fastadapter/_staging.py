@@ -1,0 +1,97 @@
+"""Writing a set of files so that a failure leaves the previous set untouched.
+
+Every file is first staged as a hidden temp file beside its target; only when all of them are written
+are they renamed into place, one after the other. A failure while staging discards every temp file;
+the old files were never touched.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Callable
+from types import TracebackType
+from typing import Protocol
+
+from . import _core
+
+
+class Staged(Protocol):
+    def commit(self) -> None: ...
+    def discard(self) -> None: ...
+
+
+class StagedByCallback:
+    """A file produced by a Python writer (e.g. `torch.save`) into a private temp directory beside the
+    target. The temp file gets the target's own name there, because torch.save names the archive's
+    root folder after the file."""
+
+    def __init__(self, target: str, write: Callable[[str], None]) -> None:
+        self.target = target
+        self._dir: str | None = tempfile.mkdtemp(prefix=".fastadapter-", dir=os.path.dirname(target) or ".")
+        try:
+            self._path = os.path.join(self._dir, os.path.basename(target))
+            write(self._path)
+            os.chmod(self._path, 0o666 & ~_current_umask())
+        except BaseException:
+            self.discard()
+            raise
+
+    def commit(self) -> None:
+        assert self._dir is not None, "already committed or discarded"
+        os.replace(self._path, self.target)
+        self.discard()
+
+    def discard(self) -> None:
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
+
+
+def _current_umask() -> int:
+    # os.umask can only be read by setting it; /proc reports it without a race (Linux).
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+class FileSet:
+    """Context manager: stage files with `add`, commit them all on success, discard them all on error."""
+
+    def __init__(self) -> None:
+        self._staged: list[Staged] = []
+
+    def add(self, staged: Staged) -> None:
+        self._staged.append(staged)
+
+    def stage_bytes(self, target: str, data: bytes, fsync: bool = False) -> None:
+        self.add(_core.stage_bytes(target, data, fsync))
+
+    def __enter__(self) -> FileSet:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        staged, self._staged = self._staged, []
+        if exc_type is not None:
+            for s in staged:
+                s.discard()
+            return
+        try:
+            for s in staged:
+                s.commit()
+        finally:
+            for s in staged:
+                s.discard()

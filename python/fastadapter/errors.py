@@ -1,0 +1,47 @@
+"""The exceptions fastadapter raises itself.
+
+Every class derives from :class:`FastAdapterError` *and* from the built-in exception that fits, so code
+written for PEFT (which raises ``ValueError``) keeps working, and ``except FastAdapterError`` catches
+everything that is ours. Operating-system failures are plain ``OSError`` subclasses
+(``FileNotFoundError``, ``PermissionError``, ...) with ``filename`` set.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "AdapterNotFoundError",
+    "FastAdapterError",
+    "HeaderError",
+    "KeyPatternError",
+    "NotADirectoryPathError",
+    "TensorError",
+    "UnsupportedAdapterError",
+]
+
+
+class FastAdapterError(Exception):
+    """Base class of every error raised by fastadapter itself."""
+
+
+class HeaderError(FastAdapterError, ValueError):
+    """A safetensors file is malformed (bad header, offsets, sizes); the message names the file."""
+
+
+class TensorError(FastAdapterError, ValueError):
+    """A tensor cannot be written or read as asked (wrong size, duplicate name, unknown dtype)."""
+
+
+class KeyPatternError(FastAdapterError, ValueError):
+    """A key selection/rename pattern is not a valid regular expression."""
+
+
+class AdapterNotFoundError(FastAdapterError, ValueError):
+    """The model has no adapter, or not the one that was named."""
+
+
+class UnsupportedAdapterError(FastAdapterError, ValueError):
+    """The adapter uses a method or option fastadapter does not handle (named in the message)."""
+
+
+class NotADirectoryPathError(FastAdapterError, NotADirectoryError, ValueError):
+    """A path that must be a directory is an existing file."""

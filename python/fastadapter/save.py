@@ -1,0 +1,160 @@
+"""`fastadapter.save`: a drop-in for `PeftModel.save_pretrained` that writes the same bytes, faster.
+
+What differs from PEFT is how, not what: tensors go from the model's memory to the file through the
+Rust writer (parallel positional writes, GIL released, no intermediate copy), the adapter's tensors are
+selected without building the whole model state_dict, and every file is staged beside its target and
+renamed into place only once all of them are written, so a failed save leaves the previous files
+exactly as they were.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from . import _core
+from ._staging import FileSet, StagedByCallback
+from ._tensors import write_records
+from .errors import AdapterNotFoundError, NotADirectoryPathError
+
+__all__ = ["save"]
+
+SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
+WEIGHTS_NAME = "adapter_model.bin"
+CONFIG_NAME = "adapter_config.json"
+
+
+def save(
+    model: nn.Module,
+    save_directory: str | os.PathLike[str],
+    selected_adapters: Sequence[str] | None = None,
+    safe_serialization: bool = True,
+    save_embedding_layers: bool | str = "auto",
+    is_main_process: bool = True,
+    path_initial_model_for_weight_conversion: str | None = None,
+    *,
+    fsync: bool = False,
+    **kwargs: Any,
+) -> None:
+    """Save the adapters of `model` to `save_directory` exactly as `model.save_pretrained` would.
+
+    Writes `adapter_model.safetensors` (byte-identical to PEFT's), `adapter_config.json` and a
+    `README.md` model card; adapters other than "default" go to `save_directory/<name>/`. Arguments are
+    PEFT's, with the same meaning; `save_embedding_layers="auto"` is decided without the network.
+    `fsync=True` also makes the files durable (file and directory fsync) before returning.
+    `kwargs["state_dict"]` is honoured as in PEFT; other keyword arguments (PEFT passes them to the Hub)
+    are ignored.
+    """
+    save_directory = os.fspath(save_directory)
+    if os.path.isfile(save_directory):
+        raise NotADirectoryPathError(f"Provided path ({save_directory}) should be a directory, not a file")
+    configs = _peft_configs(model)
+    names = _selected(configs, selected_adapters)
+
+    from ._peft_files import base_model_name_or_path, config_json, model_card
+    from ._peft_state import resolve_save_embedding_layers
+
+    if is_main_process:
+        os.makedirs(save_directory, exist_ok=True)
+    with FileSet() as files:
+        if is_main_process:
+            files.stage_bytes(
+                os.path.join(save_directory, "README.md"), model_card(model, save_directory), fsync
+            )
+        for name in names:
+            config = configs[name]
+            embeddings = resolve_save_embedding_layers(model, config, save_embedding_layers)
+            state_dict = _adapter_state_dict(model, name, embeddings, kwargs.get("state_dict"))
+            output_dir = os.path.join(save_directory, name) if name != "default" else save_directory
+            os.makedirs(output_dir, exist_ok=True)
+            if not is_main_process:
+                continue
+            converting = path_initial_model_for_weight_conversion is not None
+            if converting:
+                from ._conversion import check_convertible, subtract_initial
+
+                check_convertible(config)
+                initial = os.fspath(path_initial_model_for_weight_conversion)  # type: ignore[arg-type]
+                state_dict = subtract_initial(state_dict, initial)
+            _stage_weights(files, output_dir, state_dict, safe_serialization, fsync)
+
+            # PEFT fills an unset base_model_name_or_path on the model's own config (not on the copy it
+            # saves when converting); later saves, and their "auto" embedding decision, see it.
+            filled = base_model_name_or_path(model, config)
+            if not converting:
+                config.base_model_name_or_path = filled
+            saved = config if not converting else _with_base(config, filled)
+            files.stage_bytes(
+                os.path.join(output_dir, CONFIG_NAME),
+                config_json(model, saved, converted_from_initial=converting),
+                fsync,
+            )
+
+
+def _peft_configs(model: nn.Module) -> dict[str, Any]:
+    peft = sys.modules.get("peft")  # a PeftModel exists only if peft was imported
+    if peft is None or not isinstance(model, peft.PeftModel):
+        raise AdapterNotFoundError(
+            f"{type(model).__name__} has no PEFT adapter: fastadapter.save expects a peft.PeftModel "
+            "(get_peft_model / PeftModel.from_pretrained)"
+        )
+    configs: dict[str, Any] = dict(model.peft_config)
+    if not configs:
+        raise AdapterNotFoundError(f"{type(model).__name__} has no adapter to save")
+    return configs
+
+
+def _selected(configs: dict[str, Any], selected: Sequence[str] | None) -> list[str]:
+    if selected is None:
+        return list(configs)
+    if isinstance(selected, str):
+        selected = [selected]
+    unknown = [name for name in selected if name not in configs]
+    if unknown:
+        raise AdapterNotFoundError(
+            f"unknown adapter(s) {unknown} in selected_adapters; the model has {list(configs)}"
+        )
+    return list(selected)
+
+
+def _adapter_state_dict(
+    model: Any, name: str, save_embeddings: bool, state_dict: dict[str, torch.Tensor] | None
+) -> dict[str, torch.Tensor]:
+    config = model.peft_config[name]
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if state_dict is not None or distributed or config.peft_type != "LORA":
+        # Caller-provided state dicts, sharded models (their state_dict is a collective) and non-LoRA
+        # methods take PEFT's own selection; the bytes are still written by fastadapter.
+        from peft.utils.save_and_load import get_peft_model_state_dict
+
+        selected: dict[str, torch.Tensor] = get_peft_model_state_dict(
+            model, state_dict=state_dict, adapter_name=name, save_embedding_layers=save_embeddings
+        )
+        return selected
+    from ._peft_state import lora_state_dict
+
+    return lora_state_dict(model, name, save_embeddings)
+
+
+def _stage_weights(
+    files: FileSet, output_dir: str, state_dict: dict[str, torch.Tensor], safe: bool, fsync: bool
+) -> None:
+    if safe:
+        target = os.path.join(output_dir, SAFETENSORS_WEIGHTS_NAME)
+        files.add(_core.write_safetensors(target, write_records(state_dict), {"format": "pt"}, fsync))
+    else:
+        target = os.path.join(output_dir, WEIGHTS_NAME)
+        files.add(StagedByCallback(target, lambda path: torch.save(state_dict, path)))
+
+
+def _with_base(config: Any, base: str | None) -> Any:
+    import copy
+
+    out = copy.copy(config)
+    out.base_model_name_or_path = base
+    return out

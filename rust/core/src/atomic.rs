@@ -1,0 +1,157 @@
+//! Atomic file replacement: write everything to a temp file beside the target, then `rename(2)` it over
+//! the target. Until [`PendingFile::commit`] the old file is untouched; dropping a `PendingFile` without
+//! committing deletes the temp file, so a failed save leaves nothing behind.
+
+use std::fs::{File, Permissions};
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use tempfile::NamedTempFile;
+
+use crate::error::{Error, IoContext, Result};
+
+/// A fully or partly written temp file that becomes `target` on commit.
+#[derive(Debug)]
+pub struct PendingFile {
+    temp: NamedTempFile,
+    target: PathBuf,
+    fsync: bool,
+}
+
+impl PendingFile {
+    /// Create a hidden temp file in the target's directory (a rename is only atomic within one file
+    /// system). It is created with mode 0666 minus the umask, so the published file gets the usual
+    /// permissions instead of the 0600 that temp files default to.
+    pub fn create(target: &Path, fsync: bool) -> Result<Self> {
+        let name = target
+            .file_name()
+            .ok_or_else(|| Error::io(target, std::io::Error::other("path has no file name")))?;
+        let dir = match target.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p,
+            _ => Path::new("."),
+        };
+        let temp = tempfile::Builder::new()
+            .prefix(&format!(".{}.", name.to_string_lossy()))
+            .suffix(".tmp")
+            .permissions(Permissions::from_mode(0o666))
+            .tempfile_in(dir)
+            .at(target)?;
+        Ok(Self {
+            temp,
+            target: target.to_path_buf(),
+            fsync,
+        })
+    }
+
+    pub fn file(&self) -> &File {
+        self.temp.as_file()
+    }
+
+    pub fn temp_path(&self) -> &Path {
+        self.temp.path()
+    }
+
+    pub fn target(&self) -> &Path {
+        &self.target
+    }
+
+    /// Publish the temp file under the target name (fsyncing file and directory first when asked).
+    pub fn commit(self) -> Result<()> {
+        let Self {
+            temp,
+            target,
+            fsync,
+        } = self;
+        if fsync {
+            temp.as_file().sync_all().at(&target)?;
+        }
+        temp.persist(&target)
+            .map_err(|e| Error::io(&target, e.error))?;
+        if fsync {
+            sync_parent_dir(&target)?;
+        }
+        Ok(())
+    }
+}
+
+/// fsync the directory holding `path`, so that a rename into it survives a power cut.
+pub fn sync_parent_dir(path: &Path) -> Result<()> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    File::open(dir).and_then(|d| d.sync_all()).at(dir)
+}
+
+/// Stage `bytes` as the new content of `target` (small files: configs, model cards).
+pub fn stage_bytes(target: &Path, bytes: &[u8], fsync: bool) -> Result<PendingFile> {
+    let mut pending = PendingFile::create(target, fsync)?;
+    pending.temp.write_all(bytes).at(target)?;
+    Ok(pending)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp_files(dir: &Path) -> Vec<String> {
+        std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".tmp"))
+            .collect()
+    }
+
+    #[test]
+    fn old_content_survives_until_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("a.txt");
+        std::fs::write(&target, b"old").unwrap();
+        let pending = stage_bytes(&target, b"new", true).unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), b"old");
+        assert_eq!(temp_files(dir.path()).len(), 1);
+        pending.commit().unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), b"new");
+        assert!(temp_files(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn dropping_discards_the_temp_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("a.txt");
+        std::fs::write(&target, b"old").unwrap();
+        drop(stage_bytes(&target, b"new", false).unwrap());
+        assert_eq!(std::fs::read(&target).unwrap(), b"old");
+        assert!(temp_files(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn published_file_gets_umask_permissions_not_0600() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("perm.bin");
+        stage_bytes(&target, b"x", false).unwrap().commit().unwrap();
+        let mode = std::fs::metadata(&target).unwrap().permissions().mode() & 0o777;
+        let umask = current_umask();
+        assert_eq!(mode, 0o666 & !umask, "mode {mode:o}, umask {umask:o}");
+    }
+
+    #[test]
+    fn missing_directory_names_the_target() {
+        let err = stage_bytes(Path::new("/nonexistent-dir-xyz/f.bin"), b"x", false).unwrap_err();
+        assert!(
+            err.to_string().contains("/nonexistent-dir-xyz/f.bin"),
+            "{err}"
+        );
+        assert!(
+            matches!(err, Error::Io { ref source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+        );
+    }
+
+    fn current_umask() -> u32 {
+        // /proc/self/status reports it without changing it (umask(2) can only be read by setting it).
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let line = status.lines().find(|l| l.starts_with("Umask:")).unwrap();
+        u32::from_str_radix(line.split_whitespace().nth(1).unwrap(), 8).unwrap()
+    }
+}

@@ -1,0 +1,258 @@
+//! A memory-mapped, validated safetensors file.
+//!
+//! The header is checked by the `safetensors` crate's own `read_metadata` (header size limit, UTF-8,
+//! JSON, contiguous non-overlapping offsets, `numel * itemsize`, data ending exactly at end of file), so
+//! our rules are the reference implementation's rules. Tensor data is never read here: callers get
+//! offsets and borrowed slices of the mapping.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::{MmapMut, MmapOptions};
+use safetensors::{Dtype, SafeTensorError, SafeTensors};
+
+use crate::error::{Error, IoContext, Result};
+
+/// One tensor of a file: where its bytes are, as absolute offsets into the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorEntry {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub start: usize,
+    pub end: usize,
+}
+
+#[derive(Debug)]
+pub struct SafetensorsFile {
+    path: PathBuf,
+    // A private (copy-on-write) mapping: consumers may build writable tensors on it, and a write to one
+    // never reaches the file on disk.
+    map: MmapMut,
+    header_len: usize,
+    metadata: Option<HashMap<String, String>>,
+    entries: Vec<TensorEntry>,
+}
+
+impl SafetensorsFile {
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref();
+        let file = File::open(path).at(path)?;
+        let len = file.metadata().at(path)?.len();
+        // Checked before mapping: an empty file cannot be mapped, and a short one is not a safetensors file.
+        if len < 8 {
+            return Err(Error::Format {
+                path: path.to_path_buf(),
+                source: SafeTensorError::HeaderTooSmall,
+            });
+        }
+        // SAFETY: a private mapping of a file we opened read-only. If another process truncates the file
+        // while it is mapped, touching the lost pages raises SIGBUS; that is the documented limit of
+        // every mmap-based reader (safetensors, numpy.memmap) and is why the size is validated here.
+        let map = unsafe { MmapOptions::new().map_copy(&file) }.at(path)?;
+        Self::from_map(path, map)
+    }
+
+    fn from_map(path: &Path, map: MmapMut) -> Result<Self> {
+        let (n, metadata) = SafeTensors::read_metadata(&map).map_err(|source| Error::Format {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let header_len = 8 + n;
+        let entries = metadata
+            .offset_keys()
+            .into_iter()
+            .map(|name| {
+                let info = metadata
+                    .info(&name)
+                    .expect("offset_keys come from the same metadata");
+                TensorEntry {
+                    dtype: info.dtype,
+                    shape: info.shape.clone(),
+                    start: header_len + info.data_offsets.0,
+                    end: header_len + info.data_offsets.1,
+                    name,
+                }
+            })
+            .collect();
+        Ok(Self {
+            path: path.to_path_buf(),
+            header_len,
+            metadata: metadata.metadata().clone(),
+            entries,
+            map,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Tensors in file (data offset) order.
+    pub fn entries(&self) -> &[TensorEntry] {
+        &self.entries
+    }
+
+    /// The `__metadata__` map, if the file has one.
+    pub fn metadata(&self) -> Option<&HashMap<String, String>> {
+        self.metadata.as_ref()
+    }
+
+    /// Bytes before the first tensor (length prefix, JSON, padding).
+    pub fn header_len(&self) -> usize {
+        self.header_len
+    }
+
+    /// The whole mapped file.
+    pub fn bytes(&self) -> &[u8] {
+        &self.map
+    }
+
+    /// Base address and length of the private mapping, for exporting it as a writable buffer.
+    pub fn raw_parts(&mut self) -> (*mut u8, usize) {
+        (self.map.as_mut_ptr(), self.map.len())
+    }
+
+    pub fn entry(&self, name: &str) -> Result<&TensorEntry> {
+        self.entries
+            .iter()
+            .find(|e| e.name == name)
+            .ok_or_else(|| Error::tensor(name, format!("not found in {}", self.path.display())))
+    }
+
+    /// The bytes of one tensor, borrowed from the mapping.
+    pub fn tensor_bytes(&self, name: &str) -> Result<&[u8]> {
+        let e = self.entry(name)?;
+        Ok(&self.map[e.start..e.end])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    /// A file from explicit header JSON and data length, bypassing every writer-side check.
+    fn raw_file(json: &str, data_len: usize) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(&(json.len() as u64).to_le_bytes()).unwrap();
+        f.write_all(json.as_bytes()).unwrap();
+        f.write_all(&vec![0u8; data_len]).unwrap();
+        f
+    }
+
+    fn open_err(json: &str, data_len: usize) -> String {
+        let f = raw_file(json, data_len);
+        let err = SafetensorsFile::open(f.path()).unwrap_err();
+        assert!(matches!(err, Error::Format { .. }), "{err:?}");
+        let msg = err.to_string();
+        assert!(msg.contains(&f.path().display().to_string()), "{msg}");
+        msg
+    }
+
+    #[test]
+    fn lists_entries_in_offset_order_with_absolute_offsets() {
+        let json = r#"{"__metadata__":{"format":"pt"},"b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]},"a":{"dtype":"BF16","shape":[2],"data_offsets":[0,4]}}"#;
+        let f = raw_file(json, 12);
+        let st = SafetensorsFile::open(f.path()).unwrap();
+        let names: Vec<_> = st.entries().iter().map(|e| e.name.as_str()).collect();
+        assert_eq!(names, ["a", "b"]);
+        let base = 8 + json.len();
+        assert_eq!(
+            (st.entries()[1].start, st.entries()[1].end),
+            (base + 4, base + 12)
+        );
+        assert_eq!(st.metadata().unwrap()["format"], "pt");
+        assert_eq!(st.tensor_bytes("b").unwrap().len(), 8);
+        assert!(st
+            .tensor_bytes("zz")
+            .unwrap_err()
+            .to_string()
+            .contains("tensor `zz`"));
+    }
+
+    #[test]
+    fn refuses_empty_and_short_files() {
+        for len in [0usize, 7] {
+            let mut f = tempfile::NamedTempFile::new().unwrap();
+            f.write_all(&vec![0u8; len]).unwrap();
+            let err = SafetensorsFile::open(f.path()).unwrap_err().to_string();
+            assert!(err.contains("header too small"), "{err}");
+        }
+    }
+
+    #[test]
+    fn refuses_header_larger_than_limit() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(&(100_000_001u64).to_le_bytes()).unwrap();
+        f.write_all(b"{}").unwrap();
+        let err = SafetensorsFile::open(f.path()).unwrap_err().to_string();
+        assert!(err.contains("header too large"), "{err}");
+    }
+
+    #[test]
+    fn refuses_header_longer_than_file() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(&(1000u64).to_le_bytes()).unwrap();
+        f.write_all(b"{}").unwrap();
+        let err = SafetensorsFile::open(f.path()).unwrap_err().to_string();
+        assert!(err.contains("invalid header length"), "{err}");
+    }
+
+    #[test]
+    fn refuses_invalid_utf8_and_invalid_json() {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(&(2u64).to_le_bytes()).unwrap();
+        f.write_all(&[0xff, 0xfe]).unwrap();
+        let err = SafetensorsFile::open(f.path()).unwrap_err().to_string();
+        assert!(err.contains("invalid UTF-8"), "{err}");
+        assert!(open_err("{not json", 0).contains("invalid JSON"));
+        assert!(open_err(
+            r#"{"a":{"dtype":"F128","shape":[1],"data_offsets":[0,16]}}"#,
+            16
+        )
+        .contains("invalid JSON"));
+    }
+
+    #[test]
+    fn refuses_gaps_overlaps_and_wrong_sizes() {
+        let gap = r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"b":{"dtype":"F32","shape":[1],"data_offsets":[8,12]}}"#;
+        assert!(open_err(gap, 12).contains("invalid offset"));
+        let overlap = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#;
+        assert!(open_err(overlap, 8).contains("invalid offset"));
+        let not_at_zero = r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#;
+        assert!(open_err(not_at_zero, 8).contains("invalid offset"));
+        let reversed = r#"{"a":{"dtype":"F32","shape":[0],"data_offsets":[4,0]}}"#;
+        assert!(open_err(reversed, 4).contains("invalid offset"));
+        let wrong_size = r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#;
+        assert!(open_err(wrong_size, 8).contains("invalid shape"));
+    }
+
+    #[test]
+    fn refuses_shape_overflow() {
+        let json = format!(
+            r#"{{"a":{{"dtype":"F32","shape":[{},{}],"data_offsets":[0,8]}}}}"#,
+            usize::MAX,
+            4
+        );
+        assert!(open_err(&json, 8).contains("overflow"));
+    }
+
+    #[test]
+    fn refuses_data_not_ending_at_end_of_file() {
+        let json = r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#;
+        assert!(open_err(json, 8).contains("not fully covered"));
+        let f = raw_file(json, 2);
+        assert!(SafetensorsFile::open(f.path()).is_err());
+    }
+
+    #[test]
+    fn missing_file_is_an_io_error_naming_it() {
+        let err = SafetensorsFile::open("/definitely/not/here.safetensors").unwrap_err();
+        assert!(
+            matches!(&err, Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+        );
+        assert!(err.to_string().contains("/definitely/not/here.safetensors"));
+    }
+}

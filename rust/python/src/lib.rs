@@ -1,0 +1,21 @@
+//! `fastadapter._core`: the thin PyO3 layer over `fastadapter-core`.
+//!
+//! It converts arguments and results and maps errors; file formats, validation and I/O live in the core.
+//! Every I/O region runs with the GIL released (`Python::detach`), touching no Python object.
+
+mod errors;
+mod reader;
+mod writer;
+
+use pyo3::prelude::*;
+
+#[pymodule]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_class::<reader::SafetensorsFile>()?;
+    m.add_class::<writer::PendingFile>()?;
+    m.add_function(wrap_pyfunction!(writer::write_safetensors, m)?)?;
+    m.add_function(wrap_pyfunction!(writer::stage_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(writer::plan_header, m)?)?;
+    Ok(())
+}

@@ -1,0 +1,151 @@
+//! `SafetensorsFile`: a validated, privately mapped file exported to Python as a writable buffer, so
+//! `torch.frombuffer(f, dtype=torch.uint8)` gives one tensor over the whole mapping and every adapter
+//! weight can be a view of it (no copy; writes stay private to the process).
+
+use std::ffi::c_int;
+use std::os::raw::c_void;
+use std::path::PathBuf;
+
+use fastadapter_core::reader::{SafetensorsFile as CoreFile, TensorEntry};
+use fastadapter_core::select::KeySelector;
+use pyo3::exceptions::PyBufferError;
+use pyo3::ffi;
+use pyo3::prelude::*;
+
+use crate::errors::{finish, guarded, to_py};
+
+/// (name, dtype, shape, start, end): offsets are absolute byte positions in the file.
+type Record = (String, String, Vec<usize>, usize, usize);
+
+fn record(name: String, e: &TensorEntry) -> Record {
+    (
+        name,
+        format!("{:?}", e.dtype),
+        e.shape.clone(),
+        e.start,
+        e.end,
+    )
+}
+
+#[pyclass(module = "fastadapter._core", frozen)]
+pub struct SafetensorsFile {
+    inner: CoreFile,
+    // Base address and length of the private mapping, taken once at open time so that exporting the
+    // buffer needs no mutable borrow of `inner`.
+    base: usize,
+    len: isize,
+}
+
+#[pymethods]
+impl SafetensorsFile {
+    #[new]
+    fn open(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
+        let mut inner = finish(py, py.detach(|| guarded(|| CoreFile::open(&path))))?;
+        let (base, len) = inner.raw_parts();
+        Ok(Self {
+            inner,
+            base: base as usize,
+            len: len as isize,
+        })
+    }
+
+    #[getter]
+    fn path(&self) -> PathBuf {
+        self.inner.path().to_path_buf()
+    }
+
+    /// The `__metadata__` map (empty when the file has none).
+    #[getter]
+    fn metadata(&self) -> std::collections::HashMap<String, String> {
+        self.inner.metadata().cloned().unwrap_or_default()
+    }
+
+    #[getter]
+    fn header_len(&self) -> usize {
+        self.inner.header_len()
+    }
+
+    fn __len__(&self) -> usize {
+        self.inner.entries().len()
+    }
+
+    /// Every tensor as (name, dtype, shape, start, end), in file order.
+    fn entries(&self) -> Vec<Record> {
+        self.inner
+            .entries()
+            .iter()
+            .map(|e| record(e.name.clone(), e))
+            .collect()
+    }
+
+    /// Tensors whose key starts with `prefix` and matches the regex `pattern`, renamed by each
+    /// `(regex, replacement)` of `renames` in turn. Header-only: no tensor byte is read.
+    #[pyo3(signature = (prefix=None, pattern=None, renames=None))]
+    fn select(
+        &self,
+        py: Python<'_>,
+        prefix: Option<String>,
+        pattern: Option<&str>,
+        renames: Option<Vec<(String, String)>>,
+    ) -> PyResult<Vec<Record>> {
+        let selector = KeySelector::new(prefix, pattern, &renames.unwrap_or_default())
+            .map_err(|e| to_py(py, e))?;
+        let selected = selector
+            .apply(self.inner.entries())
+            .map_err(|e| to_py(py, e))?;
+        Ok(selected.into_iter().map(|(n, e)| record(n, e)).collect())
+    }
+
+    fn __repr__(&self) -> String {
+        format!(
+            "SafetensorsFile({:?}, tensors={})",
+            self.inner.path().display(),
+            self.inner.entries().len()
+        )
+    }
+
+    unsafe fn __getbuffer__(
+        slf: Bound<'_, Self>,
+        view: *mut ffi::Py_buffer,
+        flags: c_int,
+    ) -> PyResult<()> {
+        if view.is_null() {
+            return Err(PyBufferError::new_err("View is null"));
+        }
+        let (base, len) = {
+            let this = slf.get();
+            (this.base, this.len)
+        };
+        // SAFETY: `view` is a valid Py_buffer supplied by the interpreter. The mapping lives as long as
+        // `slf`, which the view keeps alive through `obj`; shape and strides point into the view itself,
+        // which stays put until released.
+        unsafe {
+            (*view).obj = slf.into_any().into_ptr();
+            (*view).buf = base as *mut c_void;
+            (*view).len = len;
+            (*view).readonly = 0;
+            (*view).itemsize = 1;
+            (*view).format = if (flags & ffi::PyBUF_FORMAT) == ffi::PyBUF_FORMAT {
+                c"B".as_ptr() as *mut _
+            } else {
+                std::ptr::null_mut()
+            };
+            (*view).ndim = 1;
+            (*view).shape = if (flags & ffi::PyBUF_ND) == ffi::PyBUF_ND {
+                &mut (*view).len
+            } else {
+                std::ptr::null_mut()
+            };
+            (*view).strides = if (flags & ffi::PyBUF_STRIDES) == ffi::PyBUF_STRIDES {
+                &mut (*view).itemsize
+            } else {
+                std::ptr::null_mut()
+            };
+            (*view).suboffsets = std::ptr::null_mut();
+            (*view).internal = std::ptr::null_mut();
+        }
+        Ok(())
+    }
+
+    unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {}
+}

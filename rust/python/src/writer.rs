@@ -1,0 +1,183 @@
+//! Writing: `write_safetensors` stages a file from Python buffers (GIL released for planning and
+//! writing), `stage_bytes` stages a small file, and `PendingFile.commit()` publishes either atomically.
+//! Staging everything before committing anything lets the Python layer save several files and leave
+//! the old set untouched if any of them fails.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use fastadapter_core::atomic::{stage_bytes as core_stage_bytes, PendingFile as CorePending};
+use fastadapter_core::layout::{parse_dtype, plan, TensorMeta};
+use fastadapter_core::writer::{write_safetensors as core_write, TensorRef, WriteOptions};
+use fastadapter_core::Error;
+use pyo3::buffer::PyUntypedBuffer;
+use pyo3::exceptions::{PyRuntimeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+
+use crate::errors::{finish, guarded, to_py};
+
+/// A staged file: written to a hidden temp file beside its target, published by `commit()`.
+/// Dropping it (or `discard()`) removes the temp file.
+#[pyclass(module = "fastadapter._core")]
+pub struct PendingFile {
+    inner: Option<CorePending>,
+}
+
+impl PendingFile {
+    fn wrap(inner: CorePending) -> Self {
+        Self { inner: Some(inner) }
+    }
+
+    fn live(&self) -> PyResult<&CorePending> {
+        self.inner.as_ref().ok_or_else(|| {
+            PyRuntimeError::new_err("this PendingFile was already committed or discarded")
+        })
+    }
+}
+
+#[pymethods]
+impl PendingFile {
+    #[getter]
+    fn target(&self) -> PyResult<PathBuf> {
+        Ok(self.live()?.target().to_path_buf())
+    }
+
+    #[getter]
+    fn temp_path(&self) -> PyResult<PathBuf> {
+        Ok(self.live()?.temp_path().to_path_buf())
+    }
+
+    /// Rename the temp file over the target (after fsync, if the file was staged with fsync=True).
+    fn commit(&mut self, py: Python<'_>) -> PyResult<()> {
+        self.live()?;
+        let pending = self.inner.take().expect("checked live above");
+        finish(py, py.detach(|| guarded(|| pending.commit())))
+    }
+
+    /// Remove the temp file; the target is untouched. Idempotent.
+    fn discard(&mut self) {
+        self.inner = None;
+    }
+
+    fn __repr__(&self) -> String {
+        match &self.inner {
+            Some(p) => format!("PendingFile(target={:?})", p.target().display()),
+            None => "PendingFile(<done>)".to_owned(),
+        }
+    }
+}
+
+/// A tensor as handed over by Python: (name, safetensors dtype, shape, C-contiguous buffer).
+type PyTensor<'py> = (String, String, Vec<usize>, Bound<'py, PyAny>);
+
+fn parse(py: Python<'_>, name: &str, dtype: &str) -> PyResult<safetensors_dtype::Dtype> {
+    parse_dtype(dtype).ok_or_else(|| {
+        to_py(
+            py,
+            Error::tensor(name, format!("unknown safetensors dtype {dtype:?}")),
+        )
+    })
+}
+
+mod safetensors_dtype {
+    pub use fastadapter_core::Dtype;
+}
+
+/// Plan and write a safetensors file for `tensors` into a temp file beside `path`; returns the
+/// `PendingFile` to commit. Buffers must be C-contiguous; their bytes are written as they are.
+#[pyfunction]
+#[pyo3(signature = (path, tensors, metadata=None, fsync=false))]
+pub fn write_safetensors(
+    py: Python<'_>,
+    path: PathBuf,
+    tensors: Vec<PyTensor<'_>>,
+    metadata: Option<HashMap<String, String>>,
+    fsync: bool,
+) -> PyResult<PendingFile> {
+    // Hold every buffer export until the write is done: that is what keeps the memory valid while
+    // the GIL is released.
+    let mut buffers = Vec::with_capacity(tensors.len());
+    let mut specs = Vec::with_capacity(tensors.len());
+    for (name, dtype, shape, obj) in tensors {
+        let buffer = PyUntypedBuffer::get(&obj)?;
+        if !buffer.is_c_contiguous() {
+            return Err(PyValueError::new_err(format!(
+                "tensor `{name}`: buffer is not C-contiguous"
+            )));
+        }
+        let dtype = parse(py, &name, &dtype)?;
+        specs.push((name, dtype, shape));
+        buffers.push(buffer);
+    }
+    let refs: Vec<TensorRef<'_>> = specs
+        .into_iter()
+        .zip(&buffers)
+        .map(|((name, dtype, shape), buffer)| TensorRef {
+            name,
+            dtype,
+            shape,
+            data: match buffer.len_bytes() {
+                // An empty export may carry a null pointer, which a slice must never hold.
+                0 => &[],
+                // SAFETY: the export in `buffers` pins this memory until `buffers` is dropped, after
+                // the write; it is only read.
+                len => unsafe { std::slice::from_raw_parts(buffer.buf_ptr() as *const u8, len) },
+            },
+        })
+        .collect();
+    let options = WriteOptions { fsync };
+    let pending = finish(
+        py,
+        py.detach(|| guarded(|| core_write(&path, &refs, metadata, options))),
+    )?;
+    drop(refs);
+    drop(buffers);
+    Ok(PendingFile::wrap(pending))
+}
+
+/// Stage `data` as the new content of `path` (configs, model cards).
+#[pyfunction]
+#[pyo3(signature = (path, data, fsync=false))]
+pub fn stage_bytes(
+    py: Python<'_>,
+    path: PathBuf,
+    data: &Bound<'_, PyBytes>,
+    fsync: bool,
+) -> PyResult<PendingFile> {
+    let bytes = data.as_bytes();
+    let pending = finish(
+        py,
+        py.detach(|| guarded(|| core_stage_bytes(&path, bytes, fsync))),
+    )?;
+    Ok(PendingFile::wrap(pending))
+}
+
+/// The header bytes and per-tensor absolute offsets a file of these tensors would have, without
+/// writing anything: (header, [offset per input tensor], total length). Used to pre-size buffers.
+#[pyfunction]
+#[pyo3(signature = (tensors, metadata=None))]
+pub fn plan_header<'py>(
+    py: Python<'py>,
+    tensors: Vec<(String, String, Vec<usize>, usize)>,
+    metadata: Option<HashMap<String, String>>,
+) -> PyResult<(Bound<'py, PyBytes>, Vec<u64>, u64)> {
+    let metas = tensors
+        .into_iter()
+        .map(|(name, dtype, shape, nbytes)| {
+            let dtype = parse(py, &name, &dtype)?;
+            Ok(TensorMeta {
+                name,
+                dtype,
+                shape,
+                nbytes,
+            })
+        })
+        .collect::<PyResult<Vec<_>>>()?;
+    let layout = plan(&metas, metadata).map_err(|e| to_py(py, e))?;
+    Ok((
+        PyBytes::new(py, &layout.header),
+        layout.offsets,
+        layout.total_len,
+    ))
+}
