@@ -230,6 +230,13 @@ mod tests {
     }
 
     #[test]
+    fn refuses_duplicate_names() {
+        // JSON objects keep the last duplicate, which leaves the first tensor's bytes uncovered.
+        let dup = r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#;
+        assert!(open_err(dup, 8).contains("invalid offset"));
+    }
+
+    #[test]
     fn refuses_shape_overflow() {
         let json = format!(
             r#"{{"a":{{"dtype":"F32","shape":[{},{}],"data_offsets":[0,8]}}}}"#,
