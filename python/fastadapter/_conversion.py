@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from ._tensors import load_safetensors
+from .errors import MissingTensorError
 
 _CONVERTIBLE = ("pissa", "corda", "olora", "lora_ga", "true")
 
@@ -68,4 +69,4 @@ def _initial(initial: dict[str, torch.Tensor], name: str, path: str) -> torch.Te
     try:
         return initial[name]
     except KeyError:
-        raise KeyError(f"tensor `{name}` is missing from the initial adapter in {path}") from None
+        raise MissingTensorError(f"tensor `{name}` is missing from the initial adapter in {path}") from None

@@ -22,6 +22,8 @@ _PAIRS: list[tuple[str, str]] = [
     ("float8_e4m3fn", "F8_E4M3"),
     ("float8_e5m2", "F8_E5M2"),
     ("float8_e8m0fnu", "F8_E8M0"),
+    ("float8_e4m3fnuz", "F8_E4M3FNUZ"),
+    ("float8_e5m2fnuz", "F8_E5M2FNUZ"),
 ]
 
 # Built from names so that dtypes an older torch lacks are simply absent.

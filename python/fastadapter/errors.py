@@ -13,6 +13,7 @@ __all__ = [
     "FastAdapterError",
     "HeaderError",
     "KeyPatternError",
+    "MissingTensorError",
     "NotADirectoryPathError",
     "TensorError",
     "UnsupportedAdapterError",
@@ -29,6 +30,13 @@ class HeaderError(FastAdapterError, ValueError):
 
 class TensorError(FastAdapterError, ValueError):
     """A tensor cannot be written or read as asked (wrong size, duplicate name, unknown dtype)."""
+
+
+class MissingTensorError(TensorError, KeyError):
+    """A tensor that must be present in a file is not there; the message names it and the file."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
 
 
 class KeyPatternError(FastAdapterError, ValueError):

@@ -2,12 +2,12 @@
 //! the target. Until [`PendingFile::commit`] the old file is untouched; dropping a `PendingFile` without
 //! committing deletes the temp file, so a failed save leaves nothing behind.
 
-use std::fs::{File, Permissions};
+use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
-use tempfile::NamedTempFile;
+use tempfile::{NamedTempFile, TempPath};
 
 use crate::error::{Error, IoContext, Result};
 
@@ -22,7 +22,7 @@ pub struct PendingFile {
 impl PendingFile {
     /// Create a hidden temp file in the target's directory (a rename is only atomic within one file
     /// system). It is created with mode 0666 minus the umask, so the published file gets the usual
-    /// permissions instead of the 0600 that temp files default to.
+    /// permissions instead of the 0600 that temp files usually have.
     pub fn create(target: &Path, fsync: bool) -> Result<Self> {
         let name = target
             .file_name()
@@ -31,12 +31,7 @@ impl PendingFile {
             Some(p) if !p.as_os_str().is_empty() => p,
             _ => Path::new("."),
         };
-        let temp = tempfile::Builder::new()
-            .prefix(&format!(".{}.", name.to_string_lossy()))
-            .suffix(".tmp")
-            .permissions(Permissions::from_mode(0o666))
-            .tempfile_in(dir)
-            .at(target)?;
+        let temp = create_temp(dir, &name.to_string_lossy()).at(target)?;
         Ok(Self {
             temp,
             target: target.to_path_buf(),
@@ -73,6 +68,48 @@ impl PendingFile {
         }
         Ok(())
     }
+}
+
+/// Create `dir/.<name>.<random>.tmp` exclusively. Done by hand rather than with `tempfile::Builder`
+/// because tempfile wraps OS errors in a type that hides the errno, and callers (Python's OSError
+/// subclasses) need it.
+fn create_temp(dir: &Path, name: &str) -> std::io::Result<NamedTempFile> {
+    let mut last = None;
+    for _ in 0..16 {
+        let path = dir.join(format!(".{name}.{:016x}.tmp", random_u64()));
+        match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o666)
+            .open(&path)
+        {
+            Ok(file) => {
+                // An absolute path, so a later chdir cannot make the cleanup miss the file.
+                return match TempPath::try_from_path(&path) {
+                    Ok(temp_path) => Ok(NamedTempFile::from_parts(file, temp_path)),
+                    Err(e) => {
+                        let _ = std::fs::remove_file(&path);
+                        Err(e)
+                    }
+                };
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.expect("the loop ran"))
+}
+
+fn random_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    // RandomState is seeded per instance from the OS; mixing in time and pid keeps names apart
+    // across processes and calls without a dependency on a random-number crate.
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    if let Ok(t) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+        h.write_u128(t.as_nanos());
+    }
+    h.finish()
 }
 
 /// fsync the directory holding `path`, so that a rename into it survives a power cut.
@@ -128,6 +165,7 @@ mod tests {
 
     #[test]
     fn published_file_gets_umask_permissions_not_0600() {
+        use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let target = dir.path().join("perm.bin");
         stage_bytes(&target, b"x", false).unwrap().commit().unwrap();
