@@ -1,7 +1,7 @@
 # Type stubs for the native module fastadapter._core (rust/python/src). Keep in sync by hand.
 from collections.abc import Sequence
 from os import PathLike
-from typing import final
+from typing import Any, final
 
 from typing_extensions import Buffer
 
@@ -53,3 +53,11 @@ def plan_header(
     tensors: Sequence[tuple[str, str, Sequence[int], int]],
     metadata: dict[str, str] | None = None,
 ) -> tuple[bytes, list[int], int]: ...
+def convert_file(
+    src: str | PathLike[str],
+    dst: str | PathLike[str],
+    verify: bool = True,
+    check_crc: bool = True,
+    fsync: bool = False,
+) -> dict[str, Any]: ...
+def inspect_torch(path: str | PathLike[str]) -> list[tuple[str, str, list[int], int, str | None]]: ...

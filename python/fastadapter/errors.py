@@ -10,12 +10,14 @@ from __future__ import annotations
 
 __all__ = [
     "AdapterNotFoundError",
+    "CheckpointError",
     "FastAdapterError",
     "HeaderError",
     "KeyPatternError",
     "MissingTensorError",
     "NotADirectoryPathError",
     "TensorError",
+    "UnsafeCheckpointError",
     "UnsupportedAdapterError",
 ]
 
@@ -41,6 +43,15 @@ class MissingTensorError(TensorError, KeyError):
 
 class KeyPatternError(FastAdapterError, ValueError):
     """A key selection/rename pattern is not a valid regular expression."""
+
+
+class CheckpointError(FastAdapterError, ValueError):
+    """A torch.save checkpoint is malformed or unsupported (bad zip, legacy format, big-endian, bad pickle)."""
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A checkpoint's pickle asks for something `torch.load(weights_only=True)` would refuse (a global such
+    as `os.system`, a disallowed opcode). It was refused, never executed; the message names it."""
 
 
 class AdapterNotFoundError(FastAdapterError, ValueError):

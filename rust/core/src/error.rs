@@ -37,6 +37,43 @@ pub enum Error {
     /// Two tensors end up with the same name (after renaming, or as given to the writer).
     #[error("duplicate tensor name `{0}`")]
     DuplicateName(String),
+    /// A torch.save zip container is malformed: no end record, offsets out of the file, bad signatures.
+    #[error("{path}: not a valid torch.save zip archive: {reason}", path = .path.display())]
+    TorchZip { path: PathBuf, reason: String },
+    /// One zip entry is refused: compressed, encrypted, unsafe name, outside the root, bad CRC-32.
+    #[error("{path}: zip entry `{entry}`: {reason}", path = .path.display())]
+    TorchZipEntry {
+        path: PathBuf,
+        entry: String,
+        reason: String,
+    },
+    /// A pre-1.6 torch.save file (a bare pickle stream, not a zip).
+    #[error(
+        "{path}: legacy (pre-1.6, non-zip) torch.save format is not supported; re-save it with a \
+         current torch: `torch.save(torch.load(f, weights_only=True), f)`",
+        path = .path.display()
+    )]
+    LegacyTorchFormat { path: PathBuf },
+    /// The checkpoint was written on a big-endian machine.
+    #[error(
+        "{path}: checkpoint was saved big-endian (`byteorder` = big); only little-endian is supported",
+        path = .path.display()
+    )]
+    BigEndian { path: PathBuf },
+    /// `data.pkl` uses an opcode, global or call that `torch.load(weights_only=True)` would not run.
+    #[error("{path}: data.pkl byte {offset}: refused {what}", path = .path.display())]
+    UnsafePickle {
+        path: PathBuf,
+        offset: usize,
+        what: String,
+    },
+    /// `data.pkl` is malformed, exceeds a limit, or does not describe a state dict of tensors.
+    #[error("{path}: data.pkl byte {offset}: {reason}", path = .path.display())]
+    Pickle {
+        path: PathBuf,
+        offset: usize,
+        reason: String,
+    },
 }
 
 impl Error {
@@ -50,6 +87,21 @@ impl Error {
     pub fn tensor(name: impl Into<String>, reason: impl Into<String>) -> Self {
         Error::Tensor {
             name: name.into(),
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn zip(path: &Path, reason: impl Into<String>) -> Self {
+        Error::TorchZip {
+            path: path.to_path_buf(),
+            reason: reason.into(),
+        }
+    }
+
+    pub(crate) fn entry(path: &Path, entry: &str, reason: impl Into<String>) -> Self {
+        Error::TorchZipEntry {
+            path: path.to_path_buf(),
+            entry: entry.to_owned(),
             reason: reason.into(),
         }
     }

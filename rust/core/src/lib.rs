@@ -6,13 +6,24 @@
 //! * [`layout`]: computes the exact header bytes and data order that `safetensors` 0.8 writes.
 //! * [`writer`]: writes a file from caller-owned buffers with parallel positional writes, atomically.
 //! * [`atomic`]: the temp-file-then-rename primitive the writer (and the Python layer) commit through.
+//! * [`torch_zip`], [`pickle`], [`state_dict`]: a reader for `torch.save` checkpoints that parses the zip
+//!   container over a mapping and interprets `data.pkl` with exactly what `torch.load(weights_only=True)`
+//!   allows; globals are recorded, never resolved, so nothing in a hostile file can run.
+//! * [`convert`]: `.bin` to safetensors, tensor bytes going from the source mapping to the output file.
 
 pub mod atomic;
+pub mod convert;
 pub mod error;
 pub mod layout;
+pub mod pickle;
+pub mod pickle_globals;
 pub mod reader;
 pub mod select;
+pub mod state_dict;
+pub mod torch_dtype;
+pub mod torch_zip;
 pub mod writer;
 
+pub use convert::{convert_file, inspect_torch, ConvertOptions, ConvertReport, TorchTensorInfo};
 pub use error::{Error, Result};
 pub use safetensors::Dtype;

@@ -44,6 +44,14 @@ pub fn to_py(py: Python<'_>, err: Error) -> PyErr {
             fastadapter_error(py, "TensorError", e.to_string())
         }
         e @ Error::Pattern { .. } => fastadapter_error(py, "KeyPatternError", e.to_string()),
+        e @ Error::UnsafePickle { .. } => {
+            fastadapter_error(py, "UnsafeCheckpointError", e.to_string())
+        }
+        e @ (Error::TorchZip { .. }
+        | Error::TorchZipEntry { .. }
+        | Error::LegacyTorchFormat { .. }
+        | Error::BigEndian { .. }
+        | Error::Pickle { .. }) => fastadapter_error(py, "CheckpointError", e.to_string()),
     }
 }
 

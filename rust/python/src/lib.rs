@@ -3,6 +3,7 @@
 //! It converts arguments and results and maps errors; file formats, validation and I/O live in the core.
 //! Every I/O region runs with the GIL released (`Python::detach`), touching no Python object.
 
+mod convert;
 mod errors;
 mod reader;
 mod writer;
@@ -17,5 +18,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(writer::write_safetensors, m)?)?;
     m.add_function(wrap_pyfunction!(writer::stage_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(writer::plan_header, m)?)?;
+    m.add_function(wrap_pyfunction!(convert::convert_file, m)?)?;
+    m.add_function(wrap_pyfunction!(convert::inspect_torch, m)?)?;
     Ok(())
 }
