@@ -53,11 +53,21 @@ def plan_header(
     tensors: Sequence[tuple[str, str, Sequence[int], int]],
     metadata: dict[str, str] | None = None,
 ) -> tuple[bytes, list[int], int]: ...
+
+@final
+class Progress:
+    """Bytes written so far by the conversion it is passed to; safe to read from another thread."""
+
+    def __new__(cls) -> Progress: ...
+    @property
+    def value(self) -> int: ...
+
 def convert_file(
     src: str | PathLike[str],
     dst: str | PathLike[str],
     verify: bool = True,
     check_crc: bool = True,
     fsync: bool = False,
+    progress: Progress | None = None,
 ) -> dict[str, Any]: ...
 def inspect_torch(path: str | PathLike[str]) -> list[tuple[str, str, list[int], int, str | None]]: ...

@@ -9,13 +9,16 @@ everything that is ours. Operating-system failures are plain ``OSError`` subclas
 from __future__ import annotations
 
 __all__ = [
+    "AdapterExistsError",
     "AdapterNotFoundError",
     "CheckpointError",
+    "ConfigError",
     "FastAdapterError",
     "HeaderError",
     "KeyPatternError",
     "MissingTensorError",
     "NotADirectoryPathError",
+    "TargetModuleError",
     "TensorError",
     "UnsafeCheckpointError",
     "UnsupportedAdapterError",
@@ -46,7 +49,7 @@ class KeyPatternError(FastAdapterError, ValueError):
 
 
 class CheckpointError(FastAdapterError, ValueError):
-    """A torch.save checkpoint is malformed or unsupported (bad zip, legacy format, big-endian, bad pickle)."""
+    """A torch.save checkpoint is malformed or unsupported (bad zip, legacy format, big-endian, pickle)."""
 
 
 class UnsafeCheckpointError(CheckpointError):
@@ -64,3 +67,15 @@ class UnsupportedAdapterError(FastAdapterError, ValueError):
 
 class NotADirectoryPathError(FastAdapterError, NotADirectoryError, ValueError):
     """A path that must be a directory is an existing file."""
+
+
+class ConfigError(FastAdapterError, ValueError):
+    """An adapter config is malformed (a field has the wrong type or value); the message names the field."""
+
+
+class AdapterExistsError(FastAdapterError, ValueError):
+    """The model already has an adapter of that name."""
+
+
+class TargetModuleError(FastAdapterError, ValueError):
+    """An adapter targets a module the model does not have, or one fastadapter cannot adapt."""

@@ -12,15 +12,17 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from . import _core
 from ._staging import FileSet, StagedByCallback
-from ._tensors import write_records
 from .errors import AdapterNotFoundError, NotADirectoryPathError
+
+# torch is imported where it is used, not here: `import fastadapter` (and the torch-free conversion
+# path, `fastadapter.convert` and the CLI) must not pay for or require it.
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 __all__ = ["save"]
 
@@ -125,6 +127,8 @@ def _selected(configs: dict[str, Any], selected: Sequence[str] | None) -> list[s
 def _adapter_state_dict(
     model: Any, name: str, save_embeddings: bool, state_dict: dict[str, torch.Tensor] | None
 ) -> dict[str, torch.Tensor]:
+    import torch
+
     config = model.peft_config[name]
     distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
     if state_dict is not None or distributed or config.peft_type != "LORA":
@@ -144,6 +148,10 @@ def _adapter_state_dict(
 def _stage_weights(
     files: FileSet, output_dir: str, state_dict: dict[str, torch.Tensor], safe: bool, fsync: bool
 ) -> None:
+    import torch
+
+    from ._tensors import write_records
+
     if safe:
         target = os.path.join(output_dir, SAFETENSORS_WEIGHTS_NAME)
         files.add(_core.write_safetensors(target, write_records(state_dict), {"format": "pt"}, fsync))

@@ -21,7 +21,7 @@ use crate::state_dict::{read_state_dict, Skipped, StateDict};
 use crate::torch_dtype::TorchDtype;
 use crate::torch_zip::{TorchZip, ZipEntry};
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConvertOptions {
     /// Re-open the output and compare every tensor's bytes with the source.
     pub verify: bool,
@@ -30,6 +30,8 @@ pub struct ConvertOptions {
     /// fsync the output before and after it is renamed into place.
     pub fsync: bool,
     pub limits: Limits,
+    /// Bytes written so far (see `WriteOptions::progress`).
+    pub progress: Option<std::sync::Arc<std::sync::atomic::AtomicU64>>,
 }
 
 impl Default for ConvertOptions {
@@ -39,6 +41,7 @@ impl Default for ConvertOptions {
             check_crc: true,
             fsync: false,
             limits: Limits::default(),
+            progress: None,
         }
     }
 }
@@ -145,13 +148,14 @@ pub fn convert_file(
         Some(HashMap::from([("format".to_owned(), "pt".to_owned())])),
         WriteOptions {
             fsync: options.fsync,
+            progress: options.progress.clone(),
         },
     )?;
-    pending.commit()?;
-
+    // Verified while still staged: a mismatch publishes nothing and removes the temp file.
     if options.verify {
-        verify(dst, &resolved)?;
+        verify(pending.temp_path(), &resolved)?;
     }
+    pending.commit()?;
     Ok(ConvertReport {
         tensors: resolved.len(),
         bytes: resolved.iter().map(|r| r.data.len() as u64).sum(),

@@ -33,6 +33,7 @@ pub struct SafetensorsFile {
     header_len: usize,
     metadata: Option<HashMap<String, String>>,
     entries: Vec<TensorEntry>,
+    index: HashMap<String, usize>,
 }
 
 impl SafetensorsFile {
@@ -75,9 +76,15 @@ impl SafetensorsFile {
                     name,
                 }
             })
+            .collect::<Vec<TensorEntry>>();
+        let index = entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.name.clone(), i))
             .collect();
         Ok(Self {
             path: path.to_path_buf(),
+            index,
             header_len,
             metadata: metadata.metadata().clone(),
             entries,
@@ -115,9 +122,9 @@ impl SafetensorsFile {
     }
 
     pub fn entry(&self, name: &str) -> Result<&TensorEntry> {
-        self.entries
-            .iter()
-            .find(|e| e.name == name)
+        self.index
+            .get(name)
+            .map(|&i| &self.entries[i])
             .ok_or_else(|| Error::tensor(name, format!("not found in {}", self.path.display())))
     }
 

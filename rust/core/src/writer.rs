@@ -7,6 +7,8 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, IoSlice};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use rayon::prelude::*;
 use safetensors::Dtype;
@@ -24,10 +26,13 @@ pub struct TensorRef<'a> {
     pub data: &'a [u8],
 }
 
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct WriteOptions {
     /// fsync the file before it is renamed into place and the directory after.
     pub fsync: bool,
+    /// Incremented by the number of bytes written as the writes complete, so that another thread can
+    /// show progress while this one holds no lock anyone waits on.
+    pub progress: Option<Arc<AtomicU64>>,
 }
 
 /// Bytes one `pwritev` call carries at most; also the unit of parallel work. Large enough that
@@ -57,7 +62,13 @@ pub fn write_safetensors(
         .collect();
     let layout = plan(&metas, metadata)?;
     let pending = PendingFile::create(target, options.fsync)?;
-    write_layout(pending.file(), &layout, tensors).map_err(|e| Error::io(target, e))?;
+    write_layout(
+        pending.file(),
+        &layout,
+        tensors,
+        options.progress.as_deref(),
+    )
+    .map_err(|e| Error::io(target, e))?;
     Ok(pending)
 }
 
@@ -71,7 +82,12 @@ pub fn save_safetensors(
     write_safetensors(target, tensors, metadata, options)?.commit()
 }
 
-fn write_layout(file: &File, layout: &Layout, tensors: &[TensorRef<'_>]) -> io::Result<()> {
+fn write_layout(
+    file: &File,
+    layout: &Layout,
+    tensors: &[TensorRef<'_>],
+    progress: Option<&AtomicU64>,
+) -> io::Result<()> {
     preallocate(file, layout.total_len)?;
 
     let mut pieces: Vec<(u64, &[u8])> = Vec::with_capacity(tensors.len() + 1);
@@ -86,10 +102,20 @@ fn write_layout(file: &File, layout: &Layout, tensors: &[TensorRef<'_>]) -> io::
     }
     let batches = batch(&pieces);
 
+    let write = |b: &Batch<'_>| {
+        write_batch(file, b)?;
+        if let Some(counter) = progress {
+            counter.fetch_add(
+                b.slices.iter().map(|s| s.len() as u64).sum(),
+                Ordering::Relaxed,
+            );
+        }
+        Ok(())
+    };
     if layout.total_len < PARALLEL_MIN_BYTES {
-        batches.iter().try_for_each(|b| write_batch(file, b))
+        batches.iter().try_for_each(write)
     } else {
-        batches.par_iter().try_for_each(|b| write_batch(file, b))
+        batches.par_iter().try_for_each(write)
     }
 }
 
@@ -212,14 +238,20 @@ mod tests {
         let md: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
         let dir = tempfile::tempdir().unwrap();
         let target = dir.path().join("m.safetensors");
+        let progress = Arc::new(AtomicU64::new(0));
         save_safetensors(
             &target,
             &tensors,
             Some(md.clone()),
-            WriteOptions { fsync: true },
+            WriteOptions {
+                fsync: true,
+                progress: Some(progress.clone()),
+            },
         )
         .unwrap();
-        assert!(std::fs::read(&target).unwrap() == oracle(&tensors, Some(md)));
+        let written = std::fs::read(&target).unwrap();
+        assert!(written == oracle(&tensors, Some(md)));
+        assert_eq!(progress.load(Ordering::Relaxed), written.len() as u64);
     }
 
     #[test]

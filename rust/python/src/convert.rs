@@ -1,6 +1,8 @@
 //! `.bin` checkpoints: conversion to safetensors and header-only inspection, with the GIL released.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use fastadapter_core::convert::{convert_file as core_convert, inspect_torch as core_inspect};
 use fastadapter_core::ConvertOptions;
@@ -9,10 +11,31 @@ use pyo3::types::PyDict;
 
 use crate::errors::{finish, guarded};
 
-/// Convert the torch.save checkpoint `src` into the safetensors file `dst` (written atomically).
-/// Returns a report: tensors, bytes, aliases_copied, gathered, skipped [(name, kind)].
+/// A byte counter the Rust writer increments as it writes; read `.value` from any thread.
+#[pyclass(module = "fastadapter._core", frozen)]
+#[derive(Default)]
+pub struct Progress {
+    bytes: Arc<AtomicU64>,
+}
+
+#[pymethods]
+impl Progress {
+    #[new]
+    fn new() -> Self {
+        Self::default()
+    }
+
+    #[getter]
+    fn value(&self) -> u64 {
+        self.bytes.load(Ordering::Relaxed)
+    }
+}
+
+/// Convert the torch.save checkpoint `src` into the safetensors file `dst` (written atomically, and
+/// verified before it is published when `verify`). Returns a report: tensors, bytes, aliases_copied,
+/// gathered, skipped [(name, kind)].
 #[pyfunction]
-#[pyo3(signature = (src, dst, verify=true, check_crc=true, fsync=false))]
+#[pyo3(signature = (src, dst, verify=true, check_crc=true, fsync=false, progress=None))]
 pub fn convert_file<'py>(
     py: Python<'py>,
     src: PathBuf,
@@ -20,11 +43,13 @@ pub fn convert_file<'py>(
     verify: bool,
     check_crc: bool,
     fsync: bool,
+    progress: Option<&Progress>,
 ) -> PyResult<Bound<'py, PyDict>> {
     let options = ConvertOptions {
         verify,
         check_crc,
         fsync,
+        progress: progress.map(|p| p.bytes.clone()),
         ..ConvertOptions::default()
     };
     let report = finish(

@@ -126,7 +126,10 @@ pub fn write_safetensors(
             },
         })
         .collect();
-    let options = WriteOptions { fsync };
+    let options = WriteOptions {
+        fsync,
+        ..WriteOptions::default()
+    };
     let pending = finish(
         py,
         py.detach(|| guarded(|| core_write(&path, &refs, metadata, options))),
