@@ -145,6 +145,11 @@ impl TorchZip {
                 })
                 .map_or(0, |h| h.finalize())
         };
+        self.check_crc(entry, crc)
+    }
+
+    /// Compare a CRC-32 computed elsewhere (e.g. while copying) with the one the archive records.
+    pub fn check_crc(&self, entry: &ZipEntry, crc: u32) -> Result<()> {
         if crc != entry.crc32 {
             return Err(Error::entry(
                 &self.path,
