@@ -165,7 +165,9 @@ def convert_paths(
     converted. `on_done(src, result_or_error)` is called as each file finishes."""
     report = ConvertReport()
     todo: list[tuple[str, str]] = []
+    seen_dirs: set[str] = set()
     for src in find_checkpoints(paths, recursive=recursive):
+        seen_dirs.add(os.path.dirname(src))
         try:
             dst = default_destination(src)
         except ValueError as e:
@@ -196,17 +198,21 @@ def convert_paths(
             if on_done is not None:
                 on_done(src, result)
 
-    _convert_indexes(report)
+    _convert_indexes(report, seen_dirs, overwrite)
     return report
 
 
-def _convert_indexes(report: ConvertReport) -> None:
+def _convert_indexes(report: ConvertReport, directories: set[str], overwrite: bool) -> None:
     """Write `model.safetensors.index.json` beside each `pytorch_model.bin.index.json` whose shards were all
-    converted by this run or before it."""
-    directories = {os.path.dirname(c.src) for c in report.converted}
+    converted, by this run or before it. An existing one is kept unless this run converted shards in that
+    directory or `overwrite` is set."""
+    changed = {os.path.dirname(c.src) for c in report.converted}
     for directory in sorted(directories):
         index_path = os.path.join(directory, INDEX_NAME)
+        safe_index = os.path.join(directory, SAFE_INDEX_NAME)
         if not os.path.isfile(index_path):
+            continue
+        if os.path.exists(safe_index) and directory not in changed and not overwrite:
             continue
         try:
             with open(index_path, encoding="utf-8") as f:
@@ -223,7 +229,7 @@ def _convert_indexes(report: ConvertReport) -> None:
                 "weight_map": {k: renamed[v] for k, v in index["weight_map"].items()},
             }
             data = (json.dumps(out, indent=2, sort_keys=True) + "\n").encode()
-            _core.stage_bytes(os.path.join(directory, SAFE_INDEX_NAME), data).commit()
+            _core.stage_bytes(safe_index, data).commit()
         except (OSError, ValueError, KeyError, TypeError) as e:
             report.failed.append((index_path, f"{index_path}: {e}"))
 

@@ -79,9 +79,12 @@ pub fn inspect_torch(path: impl AsRef<Path>) -> Result<Vec<TorchTensorInfo>> {
     sd.tensors
         .into_iter()
         .map(|(name, t)| {
-            let nbytes = numel(&name, &t.shape)?
-                .checked_mul(t.dtype.itemsize)
-                .ok_or_else(|| Error::tensor(&name, "size overflows"))?;
+            let nbytes = numel(&name, &t.shape)
+                .and_then(|n| {
+                    n.checked_mul(t.dtype.itemsize)
+                        .ok_or_else(|| Error::tensor(&name, "size overflows"))
+                })
+                .map_err(|e| in_file(e, path))?;
             Ok(TorchTensorInfo {
                 name,
                 dtype: t.dtype,
@@ -110,7 +113,7 @@ pub fn convert_file(
 
     let resolved: Vec<Resolved<'_>> = tensors
         .par_iter()
-        .map(|(name, spec)| resolve(&zip, name, spec))
+        .map(|(name, spec)| resolve(&zip, name, spec).map_err(|e| in_file(e, src)))
         .collect::<Result<_>>()?;
 
     let mut seen = HashSet::new();
@@ -182,6 +185,17 @@ pub fn convert_file(
 }
 
 /// A tensor located in the mapping (or gathered, when not contiguous).
+/// Tensor errors name the tensor; callers of `convert_file` also need to know which file it is in.
+fn in_file(err: Error, path: &Path) -> Error {
+    match err {
+        Error::Tensor { name, reason } => Error::Tensor {
+            name,
+            reason: format!("{reason} (in {})", path.display()),
+        },
+        other => other,
+    }
+}
+
 /// CRC-32 of whole storages assembled from the pieces the writer reports.
 struct FusedCrc {
     /// Input tensor index -> slot of the storage it covers exactly.

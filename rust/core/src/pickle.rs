@@ -47,6 +47,21 @@ impl Default for Limits {
 
 pub type Id = usize;
 
+/// `cpu`, `cuda:0`, `mps`, `xpu:1`...: a device type (lowercase letters, digits, `_`, starting with a
+/// letter) with an optional `:index`.
+fn is_device_location(location: &str) -> bool {
+    let (kind, index) = match location.split_once(':') {
+        Some((k, i)) => (k, Some(i)),
+        None => (location, None),
+    };
+    let kind_ok = kind.starts_with(|c: char| c.is_ascii_lowercase())
+        && kind
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    let index_ok = index.is_none_or(|i| !i.is_empty() && i.chars().all(|c| c.is_ascii_digit()));
+    kind_ok && index_ok
+}
+
 /// A persistent id `('storage', storage_type, key, location, numel)`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StorageRef {
@@ -560,6 +575,18 @@ impl<'a> Machine<'a> {
             Value::Str(s) => s.clone(),
             other => return Err(self.malformed(format!("storage key is a {}", other.kind()))),
         };
+        match &self.values[fields[3]] {
+            Value::Str(location) if is_device_location(location) => {}
+            other => {
+                // torch.load refuses a location it cannot restore to; so do we, rather than
+                // convert a file whose pickle is corrupt.
+                let shown = match other {
+                    Value::Str(s) => format!("{s:?}"),
+                    v => format!("a {}", v.kind()),
+                };
+                return Err(self.malformed(format!("storage location {shown} is not a device")));
+            }
+        }
         let numel = self.uint_arg(fields[4], "storage numel")? as u64;
         self.push(Value::Storage(StorageRef { key, dtype, numel }))
     }

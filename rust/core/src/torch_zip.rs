@@ -57,6 +57,10 @@ impl TorchZip {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let file = File::open(path).map_err(|e| Error::io(path, e))?;
+        if file.metadata().map_err(|e| Error::io(path, e))?.is_dir() {
+            // Opening a directory read-only succeeds; mapping it fails with a puzzling ENODEV.
+            return Err(Error::io(path, std::io::Error::from_raw_os_error(21)));
+        }
         // SAFETY: the mapping is read-only and private to this reader; a concurrent truncation of the file
         // by another process is outside what any mmap-based reader can guard against.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
