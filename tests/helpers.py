@@ -170,16 +170,21 @@ def safetensors_keys(path: Path) -> list[str]:
         return sorted(f.keys())
 
 
+# LoraConfig fields PEFT holds as sets (written in hash order).
+SET_FIELDS = ("target_modules", "exclude_modules")
+
+
 def assert_same_config(ours: Path, peft: Path) -> dict[str, Any]:
-    """adapter_config.json equal as JSON; target_modules compared as a set because PEFT writes a set in
-    hash-seed order while fastadapter writes it sorted."""
+    """adapter_config.json equal as JSON; the set-valued fields (target_modules, exclude_modules) compared
+    as sets because PEFT writes a set in hash-seed order while fastadapter writes it sorted."""
     mine, theirs = json.loads(ours.read_text()), json.loads(peft.read_text())
-    for cfg in (mine, theirs):
-        if isinstance(cfg.get("target_modules"), list):
-            cfg["target_modules_set"] = set(cfg.pop("target_modules"))
-    if "target_modules_set" in mine:
-        raw = json.loads(ours.read_text())["target_modules"]
-        assert raw == sorted(raw), f"target_modules not sorted in {ours}: {raw}"
+    for key in SET_FIELDS:
+        for cfg in (mine, theirs):
+            if isinstance(cfg.get(key), list):
+                cfg[f"{key}_set"] = set(cfg.pop(key))
+        if f"{key}_set" in mine:
+            raw = json.loads(ours.read_text())[key]
+            assert raw == sorted(raw), f"{key} not sorted in {ours}: {raw}"
     assert mine == theirs
     return theirs
 

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import _core
+from ._config import adapter_state
 from ._staging import FileSet, StagedByCallback
 from .errors import AdapterNotFoundError, NotADirectoryPathError
 
@@ -45,8 +46,10 @@ def save(
 ) -> None:
     """Save the adapters of `model` to `save_directory` exactly as `model.save_pretrained` would.
 
-    Writes `adapter_model.safetensors` (byte-identical to PEFT's), `adapter_config.json` and a
-    `README.md` model card; adapters other than "default" go to `save_directory/<name>/`. Arguments are
+    `model` is a `peft.PeftModel`, or a model whose adapters fastadapter injected (`fastadapter.load` /
+    `fastadapter.inject`, no peft needed; its model card is fastadapter's own). Writes
+    `adapter_model.safetensors` (byte-identical to PEFT's), `adapter_config.json` and a `README.md`
+    model card; adapters other than "default" go to `save_directory/<name>/`. Arguments are
     PEFT's, with the same meaning; `save_embedding_layers="auto"` is decided without the network.
     `fsync=True` also makes the files durable (file and directory fsync) before returning.
     `kwargs["state_dict"]` is honoured as in PEFT; other keyword arguments (PEFT passes them to the Hub)
@@ -57,8 +60,16 @@ def save(
         raise NotADirectoryPathError(f"Provided path ({save_directory}) should be a directory, not a file")
     configs = _peft_configs(model)
     names = _selected(configs, selected_adapters)
+    ours = adapter_state(model) is not None  # injected by fastadapter: no PeftModel, maybe no peft
 
-    from ._peft_files import base_model_name_or_path, config_json, model_card
+    if ours:
+        from ._config import base_model_name_or_path as _base_name
+        from ._config import config_json, model_card
+
+        def base_model_name_or_path(model: Any, config: Any) -> str | None:
+            return _base_name(model, config)
+    else:
+        from ._peft_files import base_model_name_or_path, config_json, model_card
     from ._peft_state import resolve_save_embedding_layers
 
     if is_main_process:
@@ -99,6 +110,11 @@ def save(
 
 
 def _peft_configs(model: nn.Module) -> dict[str, Any]:
+    state = adapter_state(model)
+    if state is not None:
+        if not state.configs:
+            raise AdapterNotFoundError(f"{type(model).__name__} has no adapter to save")
+        return dict(state.configs)
     peft = sys.modules.get("peft")  # a PeftModel exists only if peft was imported
     if peft is None or not isinstance(model, peft.PeftModel):
         raise AdapterNotFoundError(
@@ -127,6 +143,15 @@ def _selected(configs: dict[str, Any], selected: Sequence[str] | None) -> list[s
 def _adapter_state_dict(
     model: Any, name: str, save_embeddings: bool, state_dict: dict[str, torch.Tensor] | None
 ) -> dict[str, torch.Tensor]:
+    state = adapter_state(model)
+    if state is not None:
+        if state_dict is not None:
+            raise TypeError("state_dict=... is only supported when saving a peft.PeftModel")
+        from ._peft_state import lora_state_dict
+
+        return lora_state_dict(
+            model, name, save_embeddings, configs=state.configs, prefix="base_model.model."
+        )
     import torch
 
     config = model.peft_config[name]

@@ -1,0 +1,116 @@
+"""Loading an adapter until every weight is resident: fastadapter vs PEFT vs reading the file once.
+
+Each round starts from a fresh bf16 base model (built on the meta device and `to_empty`, so the base costs
+neither init time nor touched memory) and ends when every LoRA weight of the loaded adapter has been read
+once (`touch`): a lazily mapped file pays its page faults inside the timing, as a first forward would.
+
+- `fastadapter`: `fastadapter.load(base, dir)` on the plain model;
+- `peft`: `PeftModel.from_pretrained(base, dir)` (random init, then overwrite);
+- `peft_low_cpu_mem`: the same with `low_cpu_mem_usage=True` (layers built on the meta device);
+- `peft_load_adapter`: `load_adapter(dir, "second")` on a PeftModel that already holds the adapter;
+- `floor`: map the file and read every tensor once (`SafetensorsFile` + the same `touch`): no model at all.
+
+The file stays in the page cache (PEFT wrote it just before; every round starts after `os.sync()`, so no
+writeback is in flight), so this measures CPU work and page faults, not the disk.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from peft import PeftModel
+from torch import nn
+
+import fastadapter
+from conftest import SAFETENSORS_NAME, Adapter, BackgroundLoad, LlamaShaped, ManyLinears
+from fastadapter._core import SafetensorsFile
+from fastadapter._tensors import mapped_tensors
+
+CONTENDERS = ("fastadapter", "peft", "peft_low_cpu_mem", "peft_load_adapter", "floor")
+ROUNDS = 3
+
+
+def fresh_base(name: str) -> nn.Module:
+    base = LlamaShaped() if name == "llama" else ManyLinears()
+    return base.to_empty(device="cpu")
+
+
+def touch(tensors: Iterable[torch.Tensor]) -> float:
+    """Read every byte of every tensor once (sums); returns a value so the work cannot be skipped."""
+    total = 0.0
+    for t in tensors:
+        total += float(t.sum())
+    return total
+
+
+def lora_weights(model: nn.Module, adapter_name: str = "default") -> list[torch.Tensor]:
+    return [p for n, p in model.named_parameters() if "lora_" in n and f".{adapter_name}." in n]
+
+
+class Round:
+    """Per-round state: the setup builds what the timed call needs, and drops the previous round's model."""
+
+    def __init__(self, contender: str, adapter: Adapter) -> None:
+        self.contender, self.adapter = contender, adapter
+        self.directory = str(adapter.reference_dir)
+        self.model: Any = None
+
+    def setup(self) -> None:
+        self.model = None
+        gc.collect()
+        # The adapter file was just written: without this, its writeback runs during the first rounds of
+        # whichever contender comes first, and faults on a mapping of it wait for the disk.
+        os.sync()
+        if self.contender == "peft_load_adapter":
+            # Untimed: the first adapter, built the quick way; the timed call is PEFT's default load_adapter.
+            base = fresh_base(self.adapter.name)
+            self.model = PeftModel.from_pretrained(base, self.directory, low_cpu_mem_usage=True)
+        elif self.contender != "floor":
+            self.model = fresh_base(self.adapter.name)
+
+    def run(self) -> float:
+        c, d = self.contender, self.directory
+        if c == "fastadapter":
+            return touch(lora_weights(fastadapter.load(self.model, d)))
+        if c == "peft":
+            return touch(lora_weights(PeftModel.from_pretrained(self.model, d)))
+        if c == "peft_low_cpu_mem":
+            return touch(lora_weights(PeftModel.from_pretrained(self.model, d, low_cpu_mem_usage=True)))
+        if c == "peft_load_adapter":
+            self.model.load_adapter(d, "second")
+            return touch(lora_weights(self.model, "second"))
+        if c == "floor":
+            file = SafetensorsFile(str(Path(d) / SAFETENSORS_NAME))
+            return touch(mapped_tensors(file, file.entries()).values())
+        raise ValueError(f"unknown contender {c!r}")
+
+
+@pytest.mark.parametrize("contender", CONTENDERS)
+def test_load(benchmark: Any, adapter: Adapter, contender: str) -> None:
+    r = Round(contender, adapter)
+    benchmark.group = f"load {adapter.name}"
+    benchmark.extra_info.update(
+        contender=contender, adapter=adapter.name, bytes=adapter.nbytes, tensors=adapter.tensors
+    )
+    load = BackgroundLoad()
+    load.start()
+    run: Callable[[], float] = r.run
+    benchmark.pedantic(run, setup=r.setup, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    benchmark.extra_info["background_cpu"] = load.stop()
+    if contender == "fastadapter":
+        # Outside the timing: the loaded weights are the file's, and they are views of the mapping.
+        loaded = dict(r.model.named_parameters())
+        expected = adapter.state_dict
+        some = next(iter(expected))
+        module_key = some.removeprefix("base_model.model.").replace(
+            ".lora_A.weight", ".lora_A.default.weight"
+        )
+        assert torch.equal(loaded[module_key], expected[some])
+    r.model = None
+    gc.collect()

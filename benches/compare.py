@@ -1,0 +1,165 @@
+"""Ratio tables from one pytest-benchmark JSON: fastadapter against every peer measured in the same run.
+
+Usage: python benches/compare.py .benchmarks/latest.json
+
+Only ratios within one run mean anything on a noisy machine, so there are no stored baselines. A
+contender's rounds from all its interleaved blocks are pooled before taking the median and minimum.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+OURS = "fastadapter"
+# The ceilings: raw_write and the same write into preallocated extents (ext4 then skips a synchronous
+# flush) for saves; floor (map the file, read every tensor once) for loads; cp of the source bytes for
+# conversions.
+CEILINGS = ("raw_write", "raw_write_fallocate", "floor", "cp")
+ORDER = (
+    "fastadapter",
+    "fastadapter_noverify",
+    "peft",
+    "peft_low_cpu_mem",
+    "peft_load_adapter",
+    "safetensors",
+    "raw_write",
+    "raw_write_fallocate",
+    "floor",
+    "torch_mmap",
+    "hf_convert",
+    "cp",
+)
+
+
+@dataclass
+class Result:
+    contender: str
+    times_s: list[float]  # every timed round, pooled over the contender's interleaved blocks
+    nbytes: int
+    tensors: int
+    background: list[float]  # share of CPU time other processes used during each block
+    anon_peak_mb: float | None = None  # conversions: peak anonymous-memory growth of one run
+    file_peak_mb: float | None = None  # conversions: peak file-backed RSS growth (mapped page cache)
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.times_s)
+
+    @property
+    def min_s(self) -> float:
+        return min(self.times_s)
+
+    @property
+    def gbps(self) -> float:
+        return self.nbytes / self.median_s / 1e9
+
+
+def load(path: str) -> tuple[dict[str, Any], dict[str, list[Result]]]:
+    with open(path) as f:
+        data: dict[str, Any] = json.load(f)
+    groups: dict[str, dict[str, Result]] = {}
+    for bench in data["benchmarks"]:
+        info = bench.get("extra_info", {})
+        contender = info.get("contender", bench["name"])
+        # "data" holds each round; fall back to the median for JSON written without it.
+        times = bench["stats"].get("data") or [bench["stats"]["median"]]
+        results = groups.setdefault(bench.get("group") or "ungrouped", {})
+        background = [float(info["background_cpu"])] if "background_cpu" in info else []
+        if contender in results:
+            results[contender].times_s.extend(times)
+            results[contender].background.extend(background)
+        else:
+            results[contender] = Result(
+                contender, list(times), int(info.get("bytes", 0)), int(info.get("tensors", 0)), background
+            )
+        for key in ("anon_peak_mb", "file_peak_mb"):
+            if key in info:
+                previous = getattr(results[contender], key)
+                setattr(results[contender], key, max(previous or 0.0, float(info[key])))
+    rank = {name: i for i, name in enumerate(ORDER)}
+    return data, {
+        group: sorted(results.values(), key=lambda r: rank.get(r.contender, len(ORDER)))
+        for group, results in groups.items()
+    }
+
+
+def machine_line(data: dict[str, Any]) -> str:
+    info = data.get("machine_info", {})
+    packages = info.get("packages", {})
+    versions = ", ".join(f"{name} {version}" for name, version in packages.items())
+    cpu = info.get("cpu_model") or info.get("cpu", {}).get("brand_raw") or _cpu_model()
+    cores = info.get("cpu_count") or os.cpu_count()
+    when = data.get("datetime", "?")
+    return f"Machine: {cpu}, {cores} cores; {versions or 'versions not recorded'}; run {when}"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown CPU"
+
+
+def table(group: str, results: list[Result]) -> str:
+    ours = next((r for r in results if r.contender == OURS), None)
+    first = results[0]
+    memory = any(r.anon_peak_mb is not None for r in results)  # only conversions record it
+    lines = [
+        f"### {group}: {first.nbytes / 1e6:.0f} MB, {first.tensors} tensors",
+        "",
+        "| contender | rounds | median (ms) | min (ms) | GB/s | fastadapter speedup |"
+        + (" peak anon growth (MB) | peak mapped file (MB) |" if memory else ""),
+        "|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if memory else ""),
+    ]
+    for r in results:
+        speedup = f"{r.median_s / ours.median_s:.2f}x" if ours is not None else "n/a"
+        extra = f" {_mb(r.anon_peak_mb)} | {_mb(r.file_peak_mb)} |" if memory else ""
+        lines.append(
+            f"| {r.contender} | {len(r.times_s)} | {r.median_s * 1e3:.1f} | {r.min_s * 1e3:.1f} "
+            f"| {r.gbps:.2f} | {speedup} |{extra}"
+        )
+    lines.append("")
+    background = [b for r in results for b in r.background]
+    if background:
+        lines.append(
+            f"CPU used by other processes during these rounds: mean {statistics.mean(background):.0%}, "
+            f"max {max(background):.0%} (of both cores; above ~10% the numbers are suspect)"
+        )
+    if ours is None:
+        lines.append("fastadapter: no result in this run (skipped or failed)")
+        return "\n".join(lines)
+    for ceiling in (r for r in results if r.contender in CEILINGS):
+        lines.append(
+            f"fastadapter / {ceiling.contender}: {ours.median_s / ceiling.median_s:.2f}x of ceiling (time)"
+        )
+    return "\n".join(lines)
+
+
+def _mb(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f}"
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print(f"usage: {argv[0]} BENCHMARK_JSON", file=sys.stderr)
+        return 2
+    data, groups = load(argv[1])
+    print(machine_line(data))
+    print("Speedup = peer median / fastadapter median (>1: fastadapter is faster).")
+    for group, results in groups.items():
+        print()
+        print(table(group, results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

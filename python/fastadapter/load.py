@@ -1,0 +1,670 @@
+"""`fastadapter.load` and adapter management: LoRA on plain torch / transformers models, no peft needed.
+
+PEFT's `from_pretrained` creates every LoRA layer with random weights, overwrites them with the loaded ones
+and casts dtypes back and forth. Here the file is mapped once (copy-on-write: writing to a loaded weight
+never reaches the file), the Rust core selects and renames the adapter's keys from the header alone, and
+each LoRA parameter is built directly on its view of the mapping; a tensor is copied only when it must
+change device or dtype (PEFT's policy: the base layer's device, fp16/bf16 adapters upcast to fp32).
+
+Everything is checked before the model is touched (config, files, targets, every tensor's name and shape),
+so a failed load leaves the model exactly as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from ._config import STATE_ATTR, AdapterConfig, AdapterState, adapter_state, config_from_object, read_config
+from ._core import SafetensorsFile
+from .errors import (
+    AdapterExistsError,
+    AdapterNotFoundError,
+    MissingTensorError,
+    TargetModuleError,
+    TensorError,
+)
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from ._inject import (
+        Plan,
+        Target,
+        adapter_dtype,
+        add_fresh,
+        add_loaded,
+        base_device,
+        install,
+        plan,
+        wrap,
+        wrap_modules_to_save,
+    )
+    from ._tensors import mapped_tensors
+    from .layers import LoraLayer, ModulesToSave
+
+
+def _import_torch() -> None:
+    """Bind torch and the torch-side modules on first use: `import fastadapter` must not import torch."""
+    if "torch" in globals():
+        return
+    import importlib
+
+    import torch
+    from torch import nn
+
+    injection = importlib.import_module("._inject", __package__)
+    layers = importlib.import_module(".layers", __package__)
+    _tensors = importlib.import_module("._tensors", __package__)
+
+    names = ("Plan", "Target", "adapter_dtype", "add_fresh", "add_loaded", "base_device", "install", "plan")
+    globals().update({n: getattr(injection, n) for n in (*names, "wrap", "wrap_modules_to_save")})
+    globals().update(
+        torch=torch,
+        nn=nn,
+        mapped_tensors=_tensors.mapped_tensors,
+        LoraLayer=layers.LoraLayer,
+        ModulesToSave=layers.ModulesToSave,
+    )
+
+
+__all__ = ["active_adapters", "delete_adapter", "inject", "load", "merge_and_unload", "set_adapter", "unload"]
+
+SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
+WEIGHTS_NAME = "adapter_model.bin"
+PEFT_PREFIX = "base_model.model."
+
+# Where each LoRA tensor goes, keyed by the suffix it has once renamed (see `_renames`).
+_LINEAR_SLOTS = ("lora_A.weight", "lora_B.weight", "lora_B.bias", "lora_magnitude_vector")
+_EMBEDDING_SLOTS = ("lora_embedding_A", "lora_embedding_B")
+
+
+def _is_peft_model(model: nn.Module) -> bool:
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
+
+
+# --- reading the weights ---------------------------------------------------------------------------------
+
+
+def _slot_suffixes(name: str) -> dict[str, str]:
+    """renamed-key suffix -> slot, for adapter `name`."""
+    return {
+        f".lora_A.{name}.weight": "lora_A.weight",
+        f".lora_B.{name}.weight": "lora_B.weight",
+        f".lora_B.{name}.bias": "lora_B.bias",
+        f".lora_magnitude_vector.{name}.weight": "lora_magnitude_vector",
+        f".lora_embedding_A.{name}": "lora_embedding_A",
+        f".lora_embedding_B.{name}": "lora_embedding_B",
+    }
+
+
+def _renames(name: str) -> list[tuple[str, str]]:
+    """PEFT's file keys -> module-tree keys (peft's `_insert_adapter_name_into_state_dict`), applied by the
+    Rust core on the header: `base_model.model.x.lora_A.weight` -> `x.lora_A.<name>.weight`."""
+    n = name.replace("$", "$$")  # a literal `$` in a regex replacement
+    return [
+        (r"^base_model\.model\.", ""),
+        (r"\.(lora_A|lora_B)\.(weight|bias)$", f".${{1}}.{n}.${{2}}"),
+        (r"\.(lora_embedding_A|lora_embedding_B)$", f".${{1}}.{n}"),
+        (r"\.lora_magnitude_vector$", f".lora_magnitude_vector.{n}.weight"),
+    ]
+
+
+def _rename_in_python(key: str, name: str) -> str:
+    """The same renames for `.bin` files, whose keys come from Python."""
+    key = key.removeprefix(PEFT_PREFIX)
+    key = re.sub(r"\.(lora_A|lora_B)\.(weight|bias)$", lambda m: f".{m[1]}.{name}.{m[2]}", key)
+    key = re.sub(r"\.(lora_embedding_A|lora_embedding_B)$", lambda m: f".{m[1]}.{name}", key)
+    return re.sub(r"\.lora_magnitude_vector$", lambda m: f".lora_magnitude_vector.{name}.weight", key)
+
+
+def read_bin(path: str) -> dict[str, torch.Tensor]:
+    """`adapter_model.bin` through torch's safe unpickler, memory-mapped. The seam for the Rust reader."""
+    loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    if not isinstance(loaded, dict) or not all(isinstance(t, torch.Tensor) for t in loaded.values()):
+        raise TensorError(f"{path}: expected a dict of tensors")
+    return loaded
+
+
+def read_weights(adapter_dir: str, name: str) -> tuple[str, dict[str, torch.Tensor]]:
+    """(path, {module-tree key: tensor}); safetensors tensors are lazy views of one private mapping."""
+    path = os.path.join(adapter_dir, SAFETENSORS_WEIGHTS_NAME)
+    if os.path.isfile(path):
+        file = SafetensorsFile(path)
+        records = file.select(prefix=PEFT_PREFIX, renames=_renames(name))
+        if len(records) != len(file):
+            stray = next(e[0] for e in file.entries() if not e[0].startswith(PEFT_PREFIX))
+            raise TargetModuleError(
+                f"{path}: tensor `{stray}` is not under `{PEFT_PREFIX}` (not a PEFT adapter key)"
+            )
+        return path, mapped_tensors(file, records)
+    bin_path = os.path.join(adapter_dir, WEIGHTS_NAME)
+    if os.path.isfile(bin_path):
+        return bin_path, {_rename_in_python(k, name): t for k, t in read_bin(bin_path).items()}
+    raise FileNotFoundError(
+        2, f"no {SAFETENSORS_WEIGHTS_NAME} or {WEIGHTS_NAME} in the adapter directory", path
+    )
+
+
+# --- checking the tensors against the plan ---------------------------------------------------------------
+
+
+@dataclass
+class Assignment:
+    lora: dict[str, dict[str, torch.Tensor]]  # target path -> slot -> tensor (converted, ready)
+    copies: dict[str, nn.Module]  # modules_to_save path -> filled copy
+    others: list[
+        tuple[torch.Tensor, torch.Tensor]
+    ]  # (model tensor, value) copied in place (biases, embeddings)
+
+
+def _expected_shapes(t: Target, config: AdapterConfig) -> dict[str, tuple[int, ...]]:
+    in_f, out_f = t.in_out
+    if t.kind == "embedding":
+        return {"lora_embedding_A": (t.r, in_f), "lora_embedding_B": (out_f, t.r)}
+    shapes: dict[str, tuple[int, ...]] = {"lora_A.weight": (t.r, in_f), "lora_B.weight": (out_f, t.r)}
+    if config.lora_bias:
+        shapes["lora_B.bias"] = (out_f,)
+    if config.use_dora:
+        shapes["lora_magnitude_vector"] = (out_f,)
+    return shapes
+
+
+def _check_shape(where: str, key: str, got: torch.Size, expected: tuple[int, ...], base: str) -> None:
+    if tuple(got) != tuple(expected):
+        raise TensorError(f"{where}: tensor `{key}` has shape {list(got)}, but {base} needs {list(expected)}")
+
+
+def _resolve_model_tensor(model: nn.Module, key: str, targets: dict[str, Target]) -> torch.Tensor | None:
+    """The model parameter or buffer a non-LoRA key of the file names (biases with bias="all"/"lora_only",
+    embedding weights saved with save_embedding_layers), `<target>.base_layer.x` included."""
+    mod_path, _, leaf = key.rpartition(".")
+    if mod_path.endswith(".base_layer") or mod_path == "base_layer":
+        owner = mod_path[: -len("base_layer")].rstrip(".")
+        if owner in targets:
+            module: nn.Module | None = targets[owner].base
+        else:
+            try:
+                found = model.get_submodule(owner) if owner else model
+            except AttributeError:
+                return None
+            module = found.base_layer if isinstance(found, LoraLayer) else None
+    else:
+        try:
+            module = model.get_submodule(mod_path) if mod_path else model
+        except AttributeError:
+            return None
+    if module is None:
+        return None
+    tensor: torch.Tensor | None = module._parameters.get(leaf)
+    if tensor is None:
+        tensor = module._buffers.get(leaf)
+    return tensor
+
+
+def _assign(
+    model: nn.Module,
+    p: Plan,
+    name: str,
+    where: str,
+    tensors: dict[str, torch.Tensor],
+    *,
+    trainable: bool,
+    device: torch.device | str | None,
+    dtype: torch.dtype | None,
+) -> Assignment:
+    config = p.config
+    targets = {t.path: t for t in p.targets}
+    suffixes = _slot_suffixes(name)
+    save_paths = {path: module for path, _, _, module in p.save_targets}
+    lora: dict[str, dict[str, torch.Tensor]] = {t.path: {} for t in p.targets}
+    save_values: dict[str, dict[str, torch.Tensor]] = {path: {} for path in save_paths}
+    others: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    for key, tensor in tensors.items():
+        slot = None
+        for suffix, s in suffixes.items():
+            if key.endswith(suffix):
+                slot, path = s, key[: -len(suffix)]
+                break
+        if slot is not None:
+            target = targets.get(path)
+            if target is None:
+                raise TargetModuleError(
+                    f"{where}: tensor `{PEFT_PREFIX}{path}...{slot}` is for module `{path}`, which "
+                    + (
+                        "is not in the model"
+                        if not _has_module(model, path)
+                        else "the config does not target"
+                    )
+                )
+            expected = _expected_shapes(target, config)
+            if slot not in expected:
+                raise TargetModuleError(
+                    f"{where}: tensor `{key}` does not fit `{path}` ({type(target.base).__name__}) "
+                    "with this config"
+                )
+            _check_shape(
+                where, key, tensor.shape, expected[slot], f"`{path}` ({_describe(target)}, r={target.r})"
+            )
+            if not tensor.dtype.is_floating_point:
+                raise TensorError(f"{where}: tensor `{key}` has dtype {tensor.dtype}, expected a float dtype")
+            lora[path][slot] = tensor
+            continue
+        owner = next((sp for sp in save_paths if key.startswith(sp + ".")), None)
+        if owner is not None:
+            save_values[owner][key[len(owner) + 1 :]] = tensor
+            continue
+        existing = _resolve_model_tensor(model, key, targets)
+        if existing is None:
+            raise TargetModuleError(f"{where}: tensor `{PEFT_PREFIX}{key}` names nothing in the model")
+        _check_shape(where, key, tensor.shape, tuple(existing.shape), "the model's tensor")
+        others.append((existing, tensor))
+
+    for t in p.targets:
+        missing = [s for s in _expected_shapes(t, config) if s not in lora[t.path]]
+        if missing:
+            raise MissingTensorError(f"{where}: no `{missing[0]}` tensor for targeted module `{t.path}`")
+
+    # Conversions (device, dtype) before anything is changed: they may fail (e.g. out of memory).
+    ready: dict[str, dict[str, torch.Tensor]] = {}
+    for t in p.targets:
+        dev, dt = base_device(t.base, device), adapter_dtype(t.base, dtype)
+        ready[t.path] = {
+            slot: nn.Parameter(_to(v, dev, dt), requires_grad=trainable) for slot, v in lora[t.path].items()
+        }
+    copies = {
+        path: _filled_copy(module, save_values[path], where, path, trainable)
+        for path, module in save_paths.items()
+    }
+    return Assignment(ready, copies, others)
+
+
+def _to(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    if t.device == device and t.dtype == dtype:
+        return t  # the zero-copy case: a view of the mapping
+    return t.to(device=device, dtype=dtype)
+
+
+def _has_module(model: nn.Module, path: str) -> bool:
+    try:
+        model.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def _describe(t: Target) -> str:
+    in_f, out_f = t.in_out
+    if t.kind == "embedding":
+        return f"Embedding({in_f}, {out_f})"
+    return f"{'Conv1D' if t.kind == 'conv1d' else 'Linear'}(in={in_f}, out={out_f})"
+
+
+def _filled_copy(
+    original: nn.Module, values: dict[str, torch.Tensor], where: str, path: str, trainable: bool
+) -> nn.Module:
+    """modules_to_save: the adapter's own copy of `original`, its tensors taken from the file."""
+    source = original.original_module if isinstance(original, ModulesToSave) else original
+    expected = source.state_dict(keep_vars=True)
+    for key in values:
+        if key not in expected:
+            raise TargetModuleError(f"{where}: tensor `{PEFT_PREFIX}{path}.{key}` names nothing in `{path}`")
+        _check_shape(where, f"{path}.{key}", values[key].shape, tuple(expected[key].shape), f"`{path}`")
+    copy = ModulesToSave.empty_copy(source)
+    for pname, _ in list(copy.named_parameters(remove_duplicate=False)):
+        owner_path, _, leaf = pname.rpartition(".")
+        owner = copy.get_submodule(owner_path) if owner_path else copy
+        original_param = expected[pname]
+        value = values.get(pname)
+        data = (
+            original_param.detach().clone()
+            if value is None
+            else _to(value, original_param.device, original_param.dtype)
+        )
+        owner._parameters[leaf] = nn.Parameter(data, requires_grad=trainable)
+    for bname, buf in copy.named_buffers():
+        if bname in values:
+            owner_path, _, leaf = bname.rpartition(".")
+            owner = copy.get_submodule(owner_path) if owner_path else copy
+            owner._buffers[leaf] = _to(values[bname], buf.device, buf.dtype).clone()
+    return copy
+
+
+# --- public API ------------------------------------------------------------------------------------------
+
+
+def load(
+    model: nn.Module,
+    adapter_dir: str | os.PathLike[str],
+    adapter_name: str = "default",
+    *,
+    is_trainable: bool = False,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """Load the LoRA adapter saved in `adapter_dir` (by PEFT or fastadapter) into `model`, activate it, and
+    return the model.
+
+    `model` is a plain torch / transformers model (LoRA layers are injected; call again with another
+    `adapter_name` to add a second adapter), or a `peft.PeftModel` (the adapter is added to PEFT's own
+    layers). Each LoRA weight goes to its base layer's device (or `device`) with PEFT's dtype policy (the
+    base layer's dtype, fp16/bf16 upcast to fp32; or `dtype`). fp32 weights on an fp32 or half-precision
+    CPU base stay views of the file's private mapping. `is_trainable=False` freezes the adapter, as PEFT.
+    """
+    _import_torch()
+    adapter_dir = os.fspath(adapter_dir)
+    if _is_peft_model(model):
+        _load_into_peft(
+            model, adapter_dir, adapter_name, is_trainable=is_trainable, device=device, dtype=dtype
+        )
+        return model
+    state = adapter_state(model)
+    if state is not None and adapter_name in state.configs:
+        raise AdapterExistsError(f"the model already has an adapter named {adapter_name!r}")
+    config = read_config(adapter_dir)
+    config.inference_mode = not is_trainable
+    where, tensors = read_weights(adapter_dir, adapter_name)
+    p = plan(model, config, adapter_name)
+    assignment = _assign(
+        model, p, adapter_name, where, tensors, trainable=is_trainable, device=device, dtype=dtype
+    )
+    # Nothing above changed the model; from here on, nothing can fail for a reason the checks did not see.
+    _freeze_base(model, p)
+    for t in p.targets:
+        layer = wrap(t)
+        add_loaded(layer, t, adapter_name, config, assignment.lora[t.path])  # type: ignore[arg-type]
+        install(t, layer)
+    with torch.no_grad():
+        for existing, value in assignment.others:
+            existing.copy_(value)
+    wrap_modules_to_save(p.save_targets, adapter_name, assignment.copies)
+    _register(model, adapter_name, config)
+    return model
+
+
+def inject(
+    model: nn.Module,
+    config: Any,
+    adapter_name: str = "default",
+    *,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+) -> nn.Module:
+    """Add a new LoRA adapter described by `config` (a peft `LoraConfig` or a dict of its fields), with
+    PEFT's initialisation (`init_lora_weights` True: kaiming-uniform A and zero B; "gaussian"; False:
+    random A and B), trainable unless `config.inference_mode`; activate it and return the model."""
+    _import_torch()
+    if _is_peft_model(model):
+        raise TypeError("inject expects a plain model; for a PeftModel use its own add_adapter")
+    state = adapter_state(model)
+    if state is not None and adapter_name in state.configs:
+        raise AdapterExistsError(f"the model already has an adapter named {adapter_name!r}")
+    cfg = config_from_object(config)
+    _add_task_heads(cfg)
+    p = plan(model, cfg, adapter_name)
+    trainable = not cfg.inference_mode
+    layers = [(t, wrap(t)) for t in p.targets]
+    for t, layer in layers:  # creates the tensors (PEFT's random stream); the model is not touched yet
+        add_fresh(layer, t, adapter_name, cfg, device, dtype)
+    copies = {path: _fresh_copy(module, trainable) for path, _, _, module in p.save_targets}
+    _freeze_base(model, p)
+    for t, layer in layers:
+        for param in layer.adapter_parameters(adapter_name):
+            param.requires_grad_(trainable)
+        install(t, layer)
+    wrap_modules_to_save(p.save_targets, adapter_name, copies)
+    _register(model, adapter_name, cfg)
+    return model
+
+
+def _fresh_copy(module: nn.Module, trainable: bool) -> nn.Module:
+    import copy
+
+    source = module.original_module if isinstance(module, ModulesToSave) else module
+    out = copy.deepcopy(source)
+    out.requires_grad_(trainable)
+    return out
+
+
+def _add_task_heads(config: AdapterConfig) -> None:
+    # PeftModelForSequenceClassification / ForTokenClassification add the classifier heads.
+    if config.task_type in ("SEQ_CLS", "TOKEN_CLS"):
+        heads = ["classifier", "score"]
+        config.modules_to_save = (
+            heads if config.modules_to_save is None else [*config.modules_to_save, *heads]
+        )
+
+
+def _freeze_base(model: nn.Module, p: Plan) -> None:
+    # PEFT freezes the base model on the first injection; later ones keep existing trainability.
+    if p.first_injection:
+        for param in model.parameters():
+            param.requires_grad_(False)
+
+
+def _register(model: nn.Module, name: str, config: AdapterConfig) -> None:
+    state = adapter_state(model)
+    if state is None:
+        state = AdapterState()
+        model.__dict__[STATE_ATTR] = state
+    state.configs[name] = config
+    set_adapter(model, name)
+
+
+def _walk_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """LoRA layers and modules_to_save wrappers, not descending into them."""
+    out: list[tuple[str, nn.Module]] = []
+    stack: list[tuple[str, nn.Module]] = [("", model)]
+    while stack:
+        path, module = stack.pop()
+        if isinstance(module, (LoraLayer, ModulesToSave)):
+            out.append((path, module))
+            continue
+        for child_name, child in reversed(list(module._modules.items())):
+            if child is not None:
+                stack.append((f"{path}.{child_name}" if path else child_name, child))
+    return out
+
+
+def _require_state(model: nn.Module) -> AdapterState:
+    if _is_peft_model(model):
+        raise TypeError("this function is for models injected by fastadapter; use the PeftModel's own method")
+    state = adapter_state(model)
+    if state is None:
+        raise AdapterNotFoundError(f"{type(model).__name__} has no fastadapter adapter")
+    return state
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    """The names of the active adapters (PEFT: `model.active_adapters`)."""
+    _import_torch()
+    if _is_peft_model(model):
+        peft_model: Any = model
+        return list(peft_model.active_adapters)
+    state = adapter_state(model)
+    return [] if state is None else list(state.active)
+
+
+def set_adapter(model: nn.Module, name: str | Sequence[str]) -> None:
+    """Make `name` (or several names: their outputs add up, as in PEFT) the active adapter(s); active
+    adapters are trainable unless loaded for inference, inactive ones are frozen (PEFT's rule)."""
+    _import_torch()
+    if _is_peft_model(model):
+        assert isinstance(name, str)
+        peft_model: Any = model
+        peft_model.set_adapter(name)
+        return
+    state = _require_state(model)
+    names = [name] if isinstance(name, str) else list(name)
+    unknown = [n for n in names if n not in state.configs]
+    if unknown:
+        raise AdapterNotFoundError(f"unknown adapter(s) {unknown}; the model has {list(state.configs)}")
+    for path, module in _walk_layers(model):
+        if isinstance(module, LoraLayer):
+            module.active_adapters = list(names)
+            for adapter in module.adapters():
+                trainable = adapter in names and not state.configs[adapter].inference_mode
+                for param in module.adapter_parameters(adapter):
+                    param.requires_grad_(trainable)
+        else:
+            assert isinstance(module, ModulesToSave)
+            present = [n for n in names if n in module.modules_to_save._modules]
+            if len(present) > 1:
+                raise ValueError(
+                    f"only one adapter with modules_to_save can be active at `{path}`, got {present}"
+                )
+            module.active_adapter = present[0] if present else None
+            for adapter, copy in module.modules_to_save.items():
+                copy.requires_grad_(adapter in present and not state.configs[adapter].inference_mode)
+    state.active = names
+    _set_bias_trainability(model, state)
+
+
+def _set_bias_trainability(model: nn.Module, state: AdapterState) -> None:
+    for adapter in state.active:
+        config = state.configs[adapter]
+        if config.inference_mode or config.bias == "none":
+            continue
+        if config.bias == "all":
+            for pname, param in model.named_parameters():
+                if pname == "bias" or pname.endswith(".bias"):
+                    param.requires_grad_(True)
+        else:
+            for module in model.modules():
+                if isinstance(module, LoraLayer) and module.bias is not None:
+                    module.bias.requires_grad_(True)
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter `name`. When it was active, the remaining active ones stay (or the first remaining
+    adapter becomes active, as in PEFT); when it was the last adapter, the model is unloaded."""
+    _import_torch()
+    if _is_peft_model(model):
+        peft_model: Any = model
+        peft_model.delete_adapter(name)
+        return
+    state = _require_state(model)
+    if name not in state.configs:
+        raise AdapterNotFoundError(f"unknown adapter {name!r}; the model has {list(state.configs)}")
+    del state.configs[name]
+    if not state.configs:
+        unload(model)
+        return
+    for _, module in _walk_layers(model):
+        if isinstance(module, LoraLayer):
+            module.delete_adapter(name)
+        elif isinstance(module, ModulesToSave) and name in module.modules_to_save._modules:
+            del module.modules_to_save[name]
+    remaining = [a for a in state.active if a != name] or [sorted(state.configs)[0]]
+    set_adapter(model, remaining)
+
+
+def merge_and_unload(model: nn.Module, adapter_names: Sequence[str] | None = None) -> nn.Module:
+    """Merge the active adapters (or `adapter_names`) into the base weights and remove every LoRA layer, as
+    PEFT's `merge_and_unload`; returns the base model (the same object for a plain model)."""
+    _import_torch()
+    if _is_peft_model(model):
+        peft_model: Any = model
+        merged: nn.Module = peft_model.merge_and_unload(adapter_names=adapter_names)
+        return merged
+    return _unload(model, merge=True, adapter_names=adapter_names)
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove every LoRA layer without merging; returns the base model."""
+    _import_torch()
+    if _is_peft_model(model):
+        peft_model: Any = model
+        base: nn.Module = peft_model.unload()
+        return base
+    return _unload(model, merge=False, adapter_names=None)
+
+
+def _unload(model: nn.Module, merge: bool, adapter_names: Sequence[str] | None) -> nn.Module:
+    state = _require_state(model)
+    names = list(state.active if adapter_names is None else adapter_names)
+    for path, module in _walk_layers(model):
+        parent_path, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        if isinstance(module, LoraLayer):
+            if merge:
+                module.merge([n for n in names if n in module.r])
+            replacement = module.base_layer
+        else:
+            assert isinstance(module, ModulesToSave)
+            active = module.active_adapter
+            replacement = module.modules_to_save[active] if active is not None else module.original_module
+        parent._modules[child] = replacement
+    del model.__dict__[STATE_ATTR]
+    return model
+
+
+# --- PeftModel ---------------------------------------------------------------------------------------------
+
+
+def _load_into_peft(
+    model: Any,
+    adapter_dir: str,
+    name: str,
+    *,
+    is_trainable: bool,
+    device: torch.device | str | None,
+    dtype: torch.dtype | None,
+) -> None:
+    """Add an adapter to a PeftModel through PEFT's own machinery, without its random init: PEFT builds the
+    layers on the meta device (`add_adapter(low_cpu_mem_usage=True)`), then the loaded tensors (views of
+    the mapping where no conversion is needed) are assigned. On any failure the new adapter is deleted."""
+    from peft import LoraConfig
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    if name in model.peft_config:
+        raise AdapterExistsError(f"the model already has an adapter named {name!r}")
+    read_config(adapter_dir)  # fastadapter's checks: anything it cannot load faithfully is refused here
+    peft_config = LoraConfig.from_pretrained(adapter_dir)
+    peft_config.inference_mode = not is_trainable
+    where, tensors = read_weights(adapter_dir, name)
+    model.add_adapter(name, peft_config, low_cpu_mem_usage=True)
+    try:
+        # modules_to_save copies: saved as `<path>.<key>`, held as `<path>.modules_to_save.<name>.<key>`.
+        aux: dict[str, str] = {}
+        for path, module in model.named_modules():
+            if isinstance(module, AuxiliaryTrainingWrapper):
+                for saved, held in module.adapter_state_dict_load_map(name).items():  # type: ignore[no-untyped-call]
+                    aux[f"{path}.{saved}"] = f"{path}.{held}"
+        state = model.state_dict(keep_vars=True)
+        assign: dict[str, torch.Tensor] = {}
+        copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for key, tensor in tensors.items():
+            full = aux.get(PEFT_PREFIX + key, PEFT_PREFIX + key)
+            existing = state.get(full)
+            if existing is None:
+                raise TargetModuleError(f"{where}: tensor `{full}` names nothing in the model")
+            _check_shape(where, full, tensor.shape, tuple(existing.shape), "the model's layer")
+            if existing.device.type == "meta":
+                layer = model.get_submodule(full.split(f".{name}", 1)[0].rpartition(".")[0])
+                base = layer.get_base_layer()
+                assign[full] = _to(tensor, base_device(base, device), adapter_dtype(base, dtype))
+            else:
+                copies.append((existing, tensor))
+        for key, existing in state.items():
+            if (
+                existing.device.type == "meta"
+                and key not in assign
+                and (f".{name}." in key or key.endswith(name))
+            ):
+                raise MissingTensorError(f"{where}: no tensor for `{key}`")
+        model.load_state_dict(assign, strict=False, assign=True)
+        with torch.no_grad():
+            for existing, value in copies:
+                existing.copy_(value)
+    except BaseException:
+        model.delete_adapter(name)
+        raise
+    model.set_adapter(name, inference_mode=not is_trainable)
