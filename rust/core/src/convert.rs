@@ -3,8 +3,7 @@
 //!
 //! Memory stays bounded by the non-contiguous tensors (the only ones gathered into owned buffers):
 //! everything else is borrowed from the mapping and written with positional writes by the core writer.
-//! CRC-32 of the storages is checked (in parallel) before the write: that pass also brings the pages
-//! into the mapping, so the write that follows copies from memory and the data is read from disk once.
+//! CRC-32 of each storage is checked while it is copied (see `FusedCrc`), so the data is read once.
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
@@ -162,6 +161,8 @@ pub fn convert_file(
             observer: fused.clone().map(|f| -> PieceObserver {
                 Arc::new(move |tensor, within, bytes| f.observe(tensor, within, bytes))
             }),
+            // One writer: the file's inode lock serialises buffered writes anyway (see WriteOptions).
+            parallel: false,
         },
     )?;
     if let Some(fused) = &fused {

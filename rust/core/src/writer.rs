@@ -1,7 +1,8 @@
 //! Writes a safetensors file from caller-owned buffers: the layout is planned first (so the header is
-//! final before any data moves), the temp file is preallocated, and the tensor bytes go straight from
-//! the caller's memory to the file with positional vectored writes (`pwritev`) spread over rayon
-//! threads. Nothing is copied into an intermediate buffer.
+//! final before any data moves), the temp file is sized up front, and the tensor bytes go straight from
+//! the caller's memory to the file with positional vectored writes (`pwritev`) of about 8 MiB, from the
+//! calling thread or (`WriteOptions::parallel`) from rayon's pool, each batch's writeback started as
+//! soon as it is written. Nothing is copied into an intermediate buffer.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -39,6 +40,11 @@ pub struct WriteOptions {
     /// show progress while this one holds no lock anyone waits on.
     pub progress: Option<Arc<AtomicU64>>,
     pub observer: Option<PieceObserver>,
+    /// Write batches from rayon's pool instead of the calling thread. Off by default: Linux file systems
+    /// (ext4, xfs, btrfs) serialise buffered writes to one file on its inode lock, so a second writer
+    /// only spins; measured on ext4 (2 cores, 160 MB adapter, rounds interleaved with other writers),
+    /// one thread took 64-82 ms per save and two took ~200 ms. Worth it where writes do not share a lock.
+    pub parallel: bool,
 }
 
 impl std::fmt::Debug for WriteOptions {
@@ -47,6 +53,7 @@ impl std::fmt::Debug for WriteOptions {
             .field("fsync", &self.fsync)
             .field("progress", &self.progress)
             .field("observer", &self.observer.is_some())
+            .field("parallel", &self.parallel)
             .finish()
     }
 }
@@ -138,7 +145,7 @@ fn write_layout(
         }
         Ok(())
     };
-    if layout.total_len < PARALLEL_MIN_BYTES {
+    if !options.parallel || layout.total_len < PARALLEL_MIN_BYTES {
         batches.iter().try_for_each(write)
     } else {
         batches.par_iter().try_for_each(write)
@@ -311,6 +318,7 @@ mod tests {
             Some(md.clone()),
             WriteOptions {
                 fsync: true,
+                parallel: true,
                 progress: Some(progress.clone()),
                 observer: Some(Arc::new(move |i, within, bytes: &[u8]| {
                     seen.lock().unwrap().push((i, within, bytes.len()));
