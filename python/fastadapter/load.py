@@ -12,12 +12,14 @@ so a failed load leaves the model exactly as it was.
 
 from __future__ import annotations
 
+import functools
+import gc
 import os
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from ._config import STATE_ATTR, AdapterConfig, AdapterState, adapter_state, config_from_object, read_config
 from ._core import SafetensorsFile
@@ -340,6 +342,29 @@ def _filled_copy(
 # --- public API ------------------------------------------------------------------------------------------
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _gc_paused(fn: _F) -> _F:
+    """Run `fn` with Python's cyclic garbage collector paused. Building thousands of modules triggers
+    full collections that walk the whole model: measured on 1024 LoRA layers, a load took 62-67 ms with
+    the collector paused and 67-342 ms (at random) without. Nothing is leaked: reference counting frees
+    as usual, and cycles are collected once the collector resumes."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            if was_enabled:
+                gc.enable()
+
+    return cast(_F, wrapper)
+
+
+@_gc_paused
 def load(
     model: nn.Module,
     adapter_dir: str | os.PathLike[str],
@@ -389,6 +414,7 @@ def load(
     return model
 
 
+@_gc_paused
 def inject(
     model: nn.Module,
     config: Any,
