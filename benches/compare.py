@@ -92,21 +92,11 @@ def machine_line(data: dict[str, Any]) -> str:
     info = data.get("machine_info", {})
     packages = info.get("packages", {})
     versions = ", ".join(f"{name} {version}" for name, version in packages.items())
-    cpu = info.get("cpu_model") or info.get("cpu", {}).get("brand_raw") or _cpu_model()
+    # Recorded by benches/conftest.py on the machine that ran the benchmarks (not this one).
+    cpu = info.get("cpu_model") or info.get("cpu", {}).get("brand_raw") or "unknown CPU"
     cores = info.get("cpu_count") or os.cpu_count()
     when = data.get("datetime", "?")
     return f"Machine: {cpu}, {cores} cores; {versions or 'versions not recorded'}; run {when}"
-
-
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
 
 
 def table(group: str, results: list[Result]) -> str:

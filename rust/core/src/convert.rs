@@ -113,6 +113,9 @@ pub fn convert_file(
     let resolved: Vec<Resolved<'_>> = tensors
         .par_iter()
         .map(|(name, spec)| resolve(&zip, name, spec).map_err(|e| in_file(e, src)))
+        // Collected in order first, so the error reported is the first tensor's, not a racing one's.
+        .collect::<Vec<Result<_>>>()
+        .into_iter()
         .collect::<Result<_>>()?;
 
     let mut seen = HashSet::new();
@@ -143,10 +146,12 @@ pub fn convert_file(
     // read differently (aliases, partial or gathered views) are checked in a pass of their own first.
     let fused = if options.check_crc {
         let fused = FusedCrc::plan(&zip, &storages, &resolved);
-        storages
-            .par_iter()
-            .filter(|entry| !fused.covers(entry))
-            .try_for_each(|entry| zip.verify_crc(entry))?;
+        first_error(
+            storages
+                .par_iter()
+                .filter(|entry| !fused.covers(entry))
+                .map(|entry| zip.verify_crc(entry)),
+        )?;
         Some(Arc::new(fused))
     } else {
         None
@@ -186,6 +191,12 @@ pub fn convert_file(
 }
 
 /// A tensor located in the mapping (or gathered, when not contiguous).
+/// Run checks in parallel but report the first failure in input order, so the message does not depend on
+/// which thread lost a race.
+fn first_error(checks: impl ParallelIterator<Item = Result<()>>) -> Result<()> {
+    checks.collect::<Vec<_>>().into_iter().collect()
+}
+
 /// Tensor errors name the tensor; callers of `convert_file` also need to know which file it is in.
 fn in_file(err: Error, path: &Path) -> Error {
     match err {
@@ -410,7 +421,7 @@ fn gather(
 
 fn verify(dst: &Path, resolved: &[Resolved<'_>]) -> Result<()> {
     let out = SafetensorsFile::open(dst)?;
-    resolved.par_iter().try_for_each(|r| {
+    first_error(resolved.par_iter().map(|r| {
         let entry = out.entry(&r.name)?;
         if entry.dtype != r.dtype || entry.shape != r.shape {
             return Err(Error::tensor(
@@ -428,7 +439,7 @@ fn verify(dst: &Path, resolved: &[Resolved<'_>]) -> Result<()> {
             ));
         }
         Ok(())
-    })
+    }))
 }
 
 #[cfg(test)]
