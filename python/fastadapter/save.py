@@ -60,24 +60,19 @@ def save(
         raise NotADirectoryPathError(f"Provided path ({save_directory}) should be a directory, not a file")
     configs = _peft_configs(model)
     names = _selected(configs, selected_adapters)
-    ours = adapter_state(model) is not None  # injected by fastadapter: no PeftModel, maybe no peft
-
-    if ours:
-        from ._config import base_model_name_or_path as _base_name
-        from ._config import config_json, model_card
-
-        def base_model_name_or_path(model: Any, config: Any) -> str | None:
-            return _base_name(model, config)
-    else:
-        from ._peft_files import base_model_name_or_path, config_json, model_card
+    # Config and card: fastadapter's own for models it injected (no PeftModel, maybe no peft), PEFT's
+    # otherwise. Both modules offer base_model_name_or_path, config_json and model_card.
+    from . import _config, _peft_files
     from ._peft_state import resolve_save_embedding_layers
+
+    meta: Any = _config if adapter_state(model) is not None else _peft_files
 
     if is_main_process:
         os.makedirs(save_directory, exist_ok=True)
     with FileSet() as files:
         if is_main_process:
             files.stage_bytes(
-                os.path.join(save_directory, "README.md"), model_card(model, save_directory), fsync
+                os.path.join(save_directory, "README.md"), meta.model_card(model, save_directory), fsync
             )
         for name in names:
             config = configs[name]
@@ -98,13 +93,13 @@ def save(
 
             # PEFT fills an unset base_model_name_or_path on the model's own config (not on the copy it
             # saves when converting); later saves, and their "auto" embedding decision, see it.
-            filled = base_model_name_or_path(model, config)
+            filled = meta.base_model_name_or_path(model, config)
             if not converting:
                 config.base_model_name_or_path = filled
             saved = config if not converting else _with_base(config, filled)
             files.stage_bytes(
                 os.path.join(output_dir, CONFIG_NAME),
-                config_json(model, saved, converted_from_initial=converting),
+                meta.config_json(model, saved, converted_from_initial=converting),
                 fsync,
             )
 
