@@ -31,6 +31,12 @@ class SafetensorsFile:
     ) -> list[Record]: ...
     def __buffer__(self, flags: int, /) -> memoryview: ...
 
+def select_keys(
+    keys: Sequence[str],
+    prefix: str | None = None,
+    pattern: str | None = None,
+    renames: Sequence[tuple[str, str]] | None = None,
+) -> list[tuple[str, str]]: ...
 @final
 class PendingFile:
     """A file staged beside its target; ``commit()`` renames it into place, ``discard()`` removes it."""

@@ -15,14 +15,13 @@ from __future__ import annotations
 import functools
 import gc
 import os
-import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from ._config import STATE_ATTR, AdapterConfig, AdapterState, adapter_state, config_from_object, read_config
-from ._core import SafetensorsFile
+from ._core import SafetensorsFile, select_keys
 from .errors import (
     AdapterExistsError,
     AdapterNotFoundError,
@@ -108,7 +107,8 @@ def _slot_suffixes(name: str) -> dict[str, str]:
 
 def _renames(name: str) -> list[tuple[str, str]]:
     """PEFT's file keys -> module-tree keys (peft's `_insert_adapter_name_into_state_dict`), applied by the
-    Rust core on the header: `base_model.model.x.lora_A.weight` -> `x.lora_A.<name>.weight`."""
+    Rust core's key selector, for both file formats: `base_model.model.x.lora_A.weight` ->
+    `x.lora_A.<name>.weight`."""
     n = name.replace("$", "$$")  # a literal `$` in a regex replacement
     return [
         (r"^base_model\.model\.", ""),
@@ -116,14 +116,6 @@ def _renames(name: str) -> list[tuple[str, str]]:
         (r"\.(lora_embedding_A|lora_embedding_B)$", f".${{1}}.{n}"),
         (r"\.lora_magnitude_vector$", f".lora_magnitude_vector.{n}.weight"),
     ]
-
-
-def _rename_in_python(key: str, name: str) -> str:
-    """The same renames for `.bin` files, whose keys come from Python."""
-    key = key.removeprefix(PEFT_PREFIX)
-    key = re.sub(r"\.(lora_A|lora_B)\.(weight|bias)$", lambda m: f".{m[1]}.{name}.{m[2]}", key)
-    key = re.sub(r"\.(lora_embedding_A|lora_embedding_B)$", lambda m: f".{m[1]}.{name}", key)
-    return re.sub(r"\.lora_magnitude_vector$", lambda m: f".lora_magnitude_vector.{name}.weight", key)
 
 
 def read_bin(path: str) -> dict[str, torch.Tensor]:
@@ -134,21 +126,28 @@ def read_bin(path: str) -> dict[str, torch.Tensor]:
     return loaded
 
 
+def _check_all_selected(path: str, selected: int, keys: list[str]) -> None:
+    if selected != len(keys):
+        stray = next(k for k in keys if not k.startswith(PEFT_PREFIX))
+        raise TargetModuleError(
+            f"{path}: tensor `{stray}` is not under `{PEFT_PREFIX}` (not a PEFT adapter key)"
+        )
+
+
 def read_weights(adapter_dir: str, name: str) -> tuple[str, dict[str, torch.Tensor]]:
     """(path, {module-tree key: tensor}); safetensors tensors are lazy views of one private mapping."""
     path = os.path.join(adapter_dir, SAFETENSORS_WEIGHTS_NAME)
     if os.path.isfile(path):
         file = SafetensorsFile(path)
         records = file.select(prefix=PEFT_PREFIX, renames=_renames(name))
-        if len(records) != len(file):
-            stray = next(e[0] for e in file.entries() if not e[0].startswith(PEFT_PREFIX))
-            raise TargetModuleError(
-                f"{path}: tensor `{stray}` is not under `{PEFT_PREFIX}` (not a PEFT adapter key)"
-            )
+        _check_all_selected(path, len(records), [e[0] for e in file.entries()])
         return path, mapped_tensors(file, records)
     bin_path = os.path.join(adapter_dir, WEIGHTS_NAME)
     if os.path.isfile(bin_path):
-        return bin_path, {_rename_in_python(k, name): t for k, t in read_bin(bin_path).items()}
+        loaded = read_bin(bin_path)
+        pairs = select_keys(list(loaded), prefix=PEFT_PREFIX, renames=_renames(name))
+        _check_all_selected(bin_path, len(pairs), list(loaded))
+        return bin_path, {new: loaded[old] for old, new in pairs}
     raise FileNotFoundError(
         2, f"no {SAFETENSORS_WEIGHTS_NAME} or {WEIGHTS_NAME} in the adapter directory", path
     )

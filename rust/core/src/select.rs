@@ -59,14 +59,30 @@ impl KeySelector {
     /// The selected entries with their new names, in the input order. Two entries renamed to the same
     /// key is an error: silently dropping one would lose a tensor.
     pub fn apply<'a>(&self, entries: &'a [TensorEntry]) -> Result<Vec<(String, &'a TensorEntry)>> {
+        let selected = self.apply_names(entries.iter().map(|e| e.name.as_str()))?;
+        Ok(selected
+            .into_iter()
+            .map(|(i, name)| (name, &entries[i]))
+            .collect())
+    }
+
+    /// The same selection over bare keys (e.g. of a state dict read elsewhere): the index of each
+    /// selected key in the input, with its new name.
+    pub fn apply_names<'a>(
+        &self,
+        keys: impl IntoIterator<Item = &'a str>,
+    ) -> Result<Vec<(usize, String)>> {
         let mut seen = HashSet::new();
         let mut out = Vec::new();
-        for entry in entries.iter().filter(|e| self.matches(&e.name)) {
-            let name = self.rename(&entry.name);
+        for (i, key) in keys.into_iter().enumerate() {
+            if !self.matches(key) {
+                continue;
+            }
+            let name = self.rename(key);
             if !seen.insert(name.clone()) {
                 return Err(Error::DuplicateName(name));
             }
-            out.push((name, entry));
+            out.push((i, name));
         }
         Ok(out)
     }
@@ -141,6 +157,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("invalid key pattern `(`"), "{err}");
+    }
+
+    #[test]
+    fn bare_keys_are_selected_like_entries() {
+        let sel =
+            KeySelector::new(Some("p.".into()), None, &[(r"^p\.".into(), String::new())]).unwrap();
+        let got = sel.apply_names(["p.a", "q.b", "p.c"]).unwrap();
+        assert_eq!(got, [(0, "a".to_string()), (2, "c".to_string())]);
+        assert!(sel.apply_names(["p.a", "p.a"]).is_err());
     }
 
     #[test]

@@ -16,6 +16,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<reader::SafetensorsFile>()?;
     m.add_class::<writer::PendingFile>()?;
     m.add_class::<convert::Progress>()?;
+    m.add_function(wrap_pyfunction!(reader::select_keys, m)?)?;
     m.add_function(wrap_pyfunction!(writer::write_safetensors, m)?)?;
     m.add_function(wrap_pyfunction!(writer::stage_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(writer::plan_header, m)?)?;

@@ -149,3 +149,25 @@ impl SafetensorsFile {
 
     unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {}
 }
+
+/// `SafetensorsFile.select` for bare keys (e.g. a state dict read by torch): the selected keys as
+/// (original, renamed), in input order. Same rules, same collision check.
+#[pyfunction]
+#[pyo3(signature = (keys, prefix=None, pattern=None, renames=None))]
+pub fn select_keys(
+    py: Python<'_>,
+    keys: Vec<String>,
+    prefix: Option<String>,
+    pattern: Option<&str>,
+    renames: Option<Vec<(String, String)>>,
+) -> PyResult<Vec<(String, String)>> {
+    let selector = KeySelector::new(prefix, pattern, &renames.unwrap_or_default())
+        .map_err(|e| to_py(py, e))?;
+    let selected = selector
+        .apply_names(keys.iter().map(String::as_str))
+        .map_err(|e| to_py(py, e))?;
+    Ok(selected
+        .into_iter()
+        .map(|(i, name)| (keys[i].clone(), name))
+        .collect())
+}
