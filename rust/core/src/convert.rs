@@ -110,19 +110,12 @@ pub fn convert_file(
     }
     let StateDict { tensors, skipped } = read_state_dict(zip.data_pkl()?, src, &options.limits)?;
 
-    let resolved: Vec<Resolved<'_>> = tensors
-        .par_iter()
-        .map(|(name, spec)| resolve(&zip, name, spec).map_err(|e| in_file(e, src)))
-        // Collected in order first, so the error reported is the first tensor's, not a racing one's.
-        .collect::<Vec<Result<_>>>()
-        .into_iter()
-        .collect::<Result<_>>()?;
+    let resolved: Vec<Resolved<'_>> = in_order(
+        tensors
+            .par_iter()
+            .map(|(name, spec)| resolve(&zip, name, spec).map_err(|e| in_file(e, src))),
+    )?;
 
-    let mut seen = HashSet::new();
-    let aliases_copied = tensors
-        .iter()
-        .filter(|(_, t)| !seen.insert(t.storage_key.as_str()))
-        .count();
     let mut storages: Vec<&ZipEntry> = Vec::new();
     let mut unique = HashSet::new();
     for r in &resolved {
@@ -130,6 +123,8 @@ pub fn convert_file(
             storages.push(r.entry);
         }
     }
+    // Every tensor beyond the first of its storage is an alias, written out as its own copy.
+    let aliases_copied = resolved.len() - storages.len();
 
     let refs: Vec<TensorRef<'_>> = resolved
         .iter()
@@ -146,7 +141,7 @@ pub fn convert_file(
     // read differently (aliases, partial or gathered views) are checked in a pass of their own first.
     let fused = if options.check_crc {
         let fused = FusedCrc::plan(&zip, &storages, &resolved);
-        first_error(
+        in_order(
             storages
                 .par_iter()
                 .filter(|entry| !fused.covers(entry))
@@ -191,10 +186,10 @@ pub fn convert_file(
 }
 
 /// A tensor located in the mapping (or gathered, when not contiguous).
-/// Run checks in parallel but report the first failure in input order, so the message does not depend on
-/// which thread lost a race.
-fn first_error(checks: impl ParallelIterator<Item = Result<()>>) -> Result<()> {
-    checks.collect::<Vec<_>>().into_iter().collect()
+/// Collect parallel results in input order and report the first failure in that order, so the message
+/// does not depend on which thread lost a race.
+fn in_order<T: Send>(results: impl ParallelIterator<Item = Result<T>>) -> Result<Vec<T>> {
+    results.collect::<Vec<_>>().into_iter().collect()
 }
 
 /// Tensor errors name the tensor; callers of `convert_file` also need to know which file it is in.
@@ -421,7 +416,7 @@ fn gather(
 
 fn verify(dst: &Path, resolved: &[Resolved<'_>]) -> Result<()> {
     let out = SafetensorsFile::open(dst)?;
-    first_error(resolved.par_iter().map(|r| {
+    in_order(resolved.par_iter().map(|r| {
         let entry = out.entry(&r.name)?;
         if entry.dtype != r.dtype || entry.shape != r.shape {
             return Err(Error::tensor(
@@ -439,7 +434,8 @@ fn verify(dst: &Path, resolved: &[Resolved<'_>]) -> Result<()> {
             ));
         }
         Ok(())
-    }))
+    }))?;
+    Ok(())
 }
 
 #[cfg(test)]
