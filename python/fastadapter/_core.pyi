@@ -37,6 +37,7 @@ def select_keys(
     pattern: str | None = None,
     renames: Sequence[tuple[str, str]] | None = None,
 ) -> list[tuple[str, str]]: ...
+
 @final
 class PendingFile:
     """A file staged beside its target; ``commit()`` renames it into place, ``discard()`` removes it."""
