@@ -100,8 +100,16 @@ pub fn convert_file(
     dst: impl AsRef<Path>,
     options: &ConvertOptions,
 ) -> Result<ConvertReport> {
-    let (src, dst) = (src.as_ref(), dst.as_ref());
-    let zip = TorchZip::open(src)?;
+    convert_zip(&TorchZip::open(src)?, dst, options)
+}
+
+/// Convert an already opened checkpoint (see [`convert_file`]); errors name `zip.path()`.
+pub fn convert_zip(
+    zip: &TorchZip,
+    dst: impl AsRef<Path>,
+    options: &ConvertOptions,
+) -> Result<ConvertReport> {
+    let (src, dst) = (zip.path(), dst.as_ref());
     if options.check_crc {
         let pkl = zip
             .entry("data.pkl")
@@ -110,10 +118,17 @@ pub fn convert_file(
     }
     let StateDict { tensors, skipped } = read_state_dict(zip.data_pkl()?, src, &options.limits)?;
 
-    let resolved: Vec<Resolved<'_>> = in_order(
+    let mut resolved: Vec<Resolved<'_>> = in_order(
         tensors
             .par_iter()
-            .map(|(name, spec)| resolve(&zip, name, spec).map_err(|e| in_file(e, src))),
+            .map(|(name, spec)| resolve(zip, name, spec).map_err(|e| in_file(e, src))),
+    )?;
+    // Only now, with every view's bounds checked and the total known, is anything allocated.
+    check_gather_budget(zip, &resolved, &options.limits).map_err(|e| in_file(e, src))?;
+    in_order(
+        resolved
+            .par_iter_mut()
+            .map(|r| r.materialise().map_err(|e| in_file(e, src))),
     )?;
 
     let mut storages: Vec<&ZipEntry> = Vec::new();
@@ -140,7 +155,7 @@ pub fn convert_file(
     // cache, so the check costs no extra pass over memory), and the pieces' CRCs are combined. Storages
     // read differently (aliases, partial or gathered views) are checked in a pass of their own first.
     let fused = if options.check_crc {
-        let fused = FusedCrc::plan(&zip, &storages, &resolved);
+        let fused = FusedCrc::plan(zip, &storages, &resolved);
         in_order(
             storages
                 .par_iter()
@@ -166,7 +181,7 @@ pub fn convert_file(
         },
     )?;
     if let Some(fused) = &fused {
-        fused.check(&zip, &storages)?;
+        fused.check(zip, &storages)?;
     }
     // Verified while still staged: a mismatch publishes nothing and removes the temp file.
     if options.verify {
@@ -282,7 +297,69 @@ struct Resolved<'a> {
     dtype: Dtype,
     shape: Vec<usize>,
     entry: &'a ZipEntry,
+    /// Borrowed from the mapping, or (once materialised) the gathered copy of a non-contiguous view.
     data: Cow<'a, [u8]>,
+    /// A non-contiguous view still to be gathered: its bounds are checked, nothing is allocated yet.
+    gather: Option<Gather<'a>>,
+}
+
+struct Gather<'a> {
+    storage: &'a [u8],
+    item: usize,
+    offset: usize,
+    stride: Vec<usize>,
+    numel: usize,
+}
+
+impl Gather<'_> {
+    fn bytes(&self) -> usize {
+        // Cannot overflow: `numel(..) * item` was checked when the view was resolved.
+        self.numel * self.item
+    }
+}
+
+impl Resolved<'_> {
+    fn materialise(&mut self) -> Result<()> {
+        if let Some(g) = self.gather.take() {
+            let out = gather(g.storage, g.item, g.offset, &self.shape, &g.stride, g.numel)
+                .ok_or_else(|| {
+                    Error::tensor(
+                        &self.name,
+                        format!(
+                            "cannot allocate {} bytes for its non-contiguous view",
+                            g.bytes()
+                        ),
+                    )
+                })?;
+            self.data = Cow::Owned(out);
+        }
+        Ok(())
+    }
+}
+
+/// Non-contiguous views are copied into memory before writing. A view that repeats storage elements
+/// (stride 0, as `expand` makes) can ask for far more bytes than the file holds: a few bytes of input
+/// could otherwise make the process allocate terabytes and abort. The copies together may take the
+/// checkpoint's own size plus `limits.max_expanded_bytes`; the first tensor past that is refused.
+fn check_gather_budget(zip: &TorchZip, resolved: &[Resolved<'_>], limits: &Limits) -> Result<()> {
+    let budget = zip.bytes().len().saturating_add(limits.max_expanded_bytes);
+    let mut total = 0usize;
+    for r in resolved {
+        let Some(g) = &r.gather else { continue };
+        total = total.saturating_add(g.bytes());
+        if total > budget {
+            return Err(Error::tensor(
+                &r.name,
+                format!(
+                    "non-contiguous views would need {total} bytes in memory up to this one, more than \
+                     the checkpoint's {} bytes plus the {}-byte allowance for expanded (stride 0) views",
+                    zip.bytes().len(),
+                    limits.max_expanded_bytes
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn resolve<'a>(zip: &'a TorchZip, name: &str, t: &TensorSpec) -> Result<Resolved<'a>> {
@@ -309,6 +386,9 @@ fn resolve<'a>(zip: &'a TorchZip, name: &str, t: &TensorSpec) -> Result<Resolved
         })?;
     let storage = &zip.entry_bytes(entry)[..declared];
     let n = numel(name, &t.shape)?;
+    n.checked_mul(item)
+        .ok_or_else(|| Error::tensor(name, format!("shape {:?} overflows", t.shape)))?;
+    let mut pending = None;
     let data = if n == 0 {
         Cow::Borrowed(&storage[..0])
     } else {
@@ -337,14 +417,14 @@ fn resolve<'a>(zip: &'a TorchZip, name: &str, t: &TensorSpec) -> Result<Resolved
             let start = t.storage_offset * item;
             Cow::Borrowed(&storage[start..start + n * item])
         } else {
-            Cow::Owned(gather(
+            pending = Some(Gather {
                 storage,
                 item,
-                t.storage_offset,
-                &t.shape,
-                &t.stride,
-                n,
-            ))
+                offset: t.storage_offset,
+                stride: t.stride.clone(),
+                numel: n,
+            });
+            Cow::Owned(Vec::new())
         }
     };
     Ok(Resolved {
@@ -353,6 +433,7 @@ fn resolve<'a>(zip: &'a TorchZip, name: &str, t: &TensorSpec) -> Result<Resolved
         shape: t.shape.clone(),
         entry,
         data,
+        gather: pending,
     })
 }
 
@@ -376,7 +457,7 @@ fn is_contiguous(shape: &[usize], stride: &[usize]) -> bool {
 }
 
 /// Copy a strided view (bounds already checked) into a row-major buffer, a run at a time when the
-/// innermost dimension is dense.
+/// innermost dimension is dense. `None` when the buffer cannot be allocated (never an abort).
 fn gather(
     src: &[u8],
     item: usize,
@@ -384,7 +465,7 @@ fn gather(
     shape: &[usize],
     stride: &[usize],
     n: usize,
-) -> Vec<u8> {
+) -> Option<Vec<u8>> {
     let dense_inner = shape.last().is_some_and(|_| stride.last() == Some(&1));
     let (outer, outer_stride, run) = if dense_inner {
         let k = shape.len() - 1;
@@ -392,7 +473,8 @@ fn gather(
     } else {
         (shape, stride, 1)
     };
-    let mut out = Vec::with_capacity(n * item);
+    let mut out = Vec::new();
+    out.try_reserve_exact(n.checked_mul(item)?).ok()?;
     let mut index = vec![0usize; outer.len()];
     let mut pos = offset;
     loop {
@@ -400,7 +482,7 @@ fn gather(
         let mut d = outer.len();
         loop {
             if d == 0 {
-                return out;
+                return Some(out);
             }
             d -= 1;
             index[d] += 1;
@@ -454,12 +536,20 @@ mod tests {
     #[test]
     fn gathers_transposed_and_strided_views() {
         let src: Vec<u8> = (0..12).collect(); // 3x4 u8, row-major
+        let g = |item, offset, shape: &[usize], stride: &[usize], n| {
+            gather(&src, item, offset, shape, stride, n).unwrap()
+        };
         assert_eq!(
-            gather(&src, 1, 0, &[4, 3], &[1, 4], 12),
+            g(1, 0, &[4, 3], &[1, 4], 12),
             [0, 4, 8, 1, 5, 9, 2, 6, 10, 3, 7, 11]
         );
-        assert_eq!(gather(&src, 1, 1, &[3, 2], &[4, 1], 6), [1, 2, 5, 6, 9, 10]);
-        assert_eq!(gather(&src, 2, 1, &[2], &[2], 2), [2, 3, 6, 7]);
-        assert_eq!(gather(&src, 1, 5, &[], &[], 1), [5]);
+        assert_eq!(g(1, 1, &[3, 2], &[4, 1], 6), [1, 2, 5, 6, 9, 10]);
+        assert_eq!(g(2, 1, &[2], &[2], 2), [2, 3, 6, 7]);
+        assert_eq!(g(1, 5, &[], &[], 1), [5]);
+    }
+
+    #[test]
+    fn an_impossible_gather_is_none_not_an_abort() {
+        assert!(gather(&[0u8; 4], 4, 0, &[1 << 60], &[0], 1 << 60).is_none());
     }
 }

@@ -30,6 +30,9 @@ pub struct Limits {
     pub max_visits: usize,
     /// Bytes of flattened names, in total (names grow with depth, and sharing multiplies them).
     pub max_name_bytes: usize,
+    /// Bytes a converter may allocate for non-contiguous views beyond the checkpoint's own size:
+    /// expanded (stride 0) views repeat storage elements, so a few input bytes can describe terabytes.
+    pub max_expanded_bytes: usize,
 }
 
 impl Default for Limits {
@@ -41,6 +44,7 @@ impl Default for Limits {
             max_items: 1 << 26,
             max_visits: 1 << 22,
             max_name_bytes: 64 << 20,
+            max_expanded_bytes: 1 << 30,
         }
     }
 }

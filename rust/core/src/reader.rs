@@ -55,6 +55,24 @@ impl SafetensorsFile {
         Self::from_map(path, map)
     }
 
+    /// Validate an in-memory copy of a file (fuzzing, tests); `path` only names it in errors.
+    pub fn from_bytes(path: impl AsRef<Path>, bytes: &[u8]) -> Result<Self> {
+        let path = path.as_ref();
+        // An anonymous mapping cannot be empty; the 8-byte prefix is the first thing checked anyway.
+        let mut map = MmapOptions::new()
+            .len(bytes.len().max(1))
+            .map_anon()
+            .at(path)?;
+        map[..bytes.len()].copy_from_slice(bytes);
+        if bytes.len() < 8 {
+            return Err(Error::Format {
+                path: path.to_path_buf(),
+                source: SafeTensorError::HeaderTooSmall,
+            });
+        }
+        Self::from_map(path, map)
+    }
+
     fn from_map(path: &Path, map: MmapMut) -> Result<Self> {
         let (n, metadata) = SafeTensors::read_metadata(&map).map_err(|source| Error::Format {
             path: path.to_path_buf(),
@@ -259,6 +277,26 @@ mod tests {
         assert!(open_err(json, 8).contains("not fully covered"));
         let f = raw_file(json, 2);
         assert!(SafetensorsFile::open(f.path()).is_err());
+    }
+
+    #[test]
+    fn from_bytes_agrees_with_open() {
+        let json = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#;
+        let f = raw_file(json, 8);
+        let bytes = std::fs::read(f.path()).unwrap();
+        let opened = SafetensorsFile::open(f.path()).unwrap();
+        let copied = SafetensorsFile::from_bytes(f.path(), &bytes).unwrap();
+        assert_eq!(opened.entries(), copied.entries());
+        assert_eq!(opened.bytes(), copied.bytes());
+        for cut in [0, 7, bytes.len() - 1] {
+            let a = SafetensorsFile::open({
+                std::fs::write(f.path(), &bytes[..cut]).unwrap();
+                f.path()
+            })
+            .unwrap_err();
+            let b = SafetensorsFile::from_bytes(f.path(), &bytes[..cut]).unwrap_err();
+            assert_eq!(a.to_string(), b.to_string(), "prefix {cut}");
+        }
     }
 
     #[test]

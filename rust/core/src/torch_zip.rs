@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use memmap2::Mmap;
+use memmap2::{Mmap, MmapOptions};
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
@@ -64,6 +64,25 @@ impl TorchZip {
         // SAFETY: the mapping is read-only and private to this reader; a concurrent truncation of the file
         // by another process is outside what any mmap-based reader can guard against.
         let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+        Self::from_map(path, map)
+    }
+
+    /// Parse an in-memory copy of a checkpoint (fuzzing, tests); `path` only names it in errors.
+    pub fn from_bytes(path: impl AsRef<Path>, bytes: &[u8]) -> Result<Self> {
+        let path = path.as_ref();
+        // An anonymous mapping cannot be empty: map one spare byte and expose only `bytes`.
+        let mut map = MmapOptions::new()
+            .len(bytes.len().max(1))
+            .map_anon()
+            .map_err(|e| Error::io(path, e))?;
+        map[..bytes.len()].copy_from_slice(bytes);
+        let map = map.make_read_only().map_err(|e| Error::io(path, e))?;
+        if bytes.is_empty() {
+            return Err(Error::zip(
+                path,
+                "no zip signature at the start of the file",
+            ));
+        }
         Self::from_map(path, map)
     }
 

@@ -247,6 +247,8 @@ def main():
     torch_zip(os.path.join(hdir, "missing_storage.bin"), ok_pkl)
     torch_zip(os.path.join(hdir, "oob_view.bin"), oob_view_pickle(), storages=[("0", struct.pack("<4f", 1, 2, 3, 4))])
     torch.save({"w": torch.ones(2)}, os.path.join(hdir, "legacy.bin"), _use_new_zipfile_serialization=False)
+    # A real torch.save: one 4-byte storage expanded (stride 0) to 2^40 elements, i.e. 4 TiB once gathered.
+    torch.save({"w": torch.ones(1).expand(1 << 40)}, os.path.join(hdir, "expand_bomb.bin"))
 
     # For the record: what torch.load(weights_only=True) says about each hostile file.
     for name in sorted(os.listdir(hdir)):
