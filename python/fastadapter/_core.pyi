@@ -78,3 +78,10 @@ def convert_file(
     progress: Progress | None = None,
 ) -> dict[str, Any]: ...
 def inspect_torch(path: str | PathLike[str]) -> list[tuple[str, str, list[int], int, str | None]]: ...
+def copy_ranges(
+    dst: Buffer,
+    sources: Sequence[Buffer],
+    ranges: Sequence[tuple[int, int, int, int]],
+) -> int:
+    """Copy (source index, source offset, destination offset, length) byte ranges into `dst`, in
+    parallel with the GIL released; checked first (ValueError). Returns the bytes copied."""

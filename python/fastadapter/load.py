@@ -5,6 +5,7 @@ and casts dtypes back and forth. Here the file is mapped once (copy-on-write: wr
 never reaches the file), the Rust core selects and renames the adapter's keys from the header alone, and
 each LoRA parameter is built directly on its view of the mapping; a tensor is copied only when it must
 change device or dtype (PEFT's policy: the base layer's device, fp16/bf16 adapters upcast to fp32).
+Weights bound for a GPU go there in a few large copies per device (`_device_load`), not one per tensor.
 
 Everything is checked before the model is touched (config, files, targets, every tensor's name and shape),
 so a failed load leaves the model exactly as it was.
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
         wrap,
         wrap_modules_to_save,
     )
+    from ._device_load import to_devices
     from ._tensors import mapped_tensors
     from .layers import LoraLayer, ModulesToSave
 
@@ -62,6 +64,7 @@ def _import_torch() -> None:
     injection = importlib.import_module("._inject", __package__)
     layers = importlib.import_module(".layers", __package__)
     _tensors = importlib.import_module("._tensors", __package__)
+    device_load = importlib.import_module("._device_load", __package__)
 
     names = ("Plan", "Target", "adapter_dtype", "add_fresh", "add_loaded", "base_device", "install", "plan")
     globals().update({n: getattr(injection, n) for n in (*names, "wrap", "wrap_modules_to_save")})
@@ -69,6 +72,7 @@ def _import_torch() -> None:
         torch=torch,
         nn=nn,
         mapped_tensors=_tensors.mapped_tensors,
+        to_devices=device_load.to_devices,
         LoraLayer=layers.LoraLayer,
         ModulesToSave=layers.ModulesToSave,
     )
@@ -274,12 +278,16 @@ def _assign(
             raise MissingTensorError(f"{where}: no `{missing[0]}` tensor for targeted module `{t.path}`")
 
     # Conversions (device, dtype) before anything is changed: they may fail (e.g. out of memory).
-    ready: dict[str, dict[str, torch.Tensor]] = {}
-    for t in p.targets:
-        dev, dt = base_device(t.base, device), adapter_dtype(t.base, dtype)
-        ready[t.path] = {
-            slot: nn.Parameter(_to(v, dev, dt), requires_grad=trainable) for slot, v in lora[t.path].items()
-        }
+    # All at once, so that the weights for each GPU go in a few large copies.
+    slots = [(t.path, slot) for t in p.targets for slot in lora[t.path]]
+    requests = [
+        (v, base_device(t.base, device), adapter_dtype(t.base, dtype))
+        for t in p.targets
+        for v in lora[t.path].values()
+    ]
+    ready: dict[str, dict[str, torch.Tensor]] = {t.path: {} for t in p.targets}
+    for (path, slot), v in zip(slots, to_devices(requests), strict=True):
+        ready[path][slot] = nn.Parameter(v, requires_grad=trainable)
     copies = {
         path: _filled_copy(module, save_values[path], where, path, trainable)
         for path, module in save_paths.items()
@@ -664,7 +672,8 @@ def _load_into_peft(
                 for saved, held in module.adapter_state_dict_load_map(name).items():  # type: ignore[no-untyped-call]
                     aux[f"{path}.{saved}"] = f"{path}.{held}"
         state = model.state_dict(keep_vars=True)
-        assign: dict[str, torch.Tensor] = {}
+        keys: list[str] = []
+        requests: list[tuple[torch.Tensor, torch.device, torch.dtype]] = []
         copies: list[tuple[torch.Tensor, torch.Tensor]] = []
         for key, tensor in tensors.items():
             full = aux.get(PEFT_PREFIX + key, PEFT_PREFIX + key)
@@ -675,16 +684,20 @@ def _load_into_peft(
             if existing.device.type == "meta":
                 layer = model.get_submodule(full.split(f".{name}", 1)[0].rpartition(".")[0])
                 base = layer.get_base_layer()
-                assign[full] = _to(tensor, base_device(base, device), adapter_dtype(base, dtype))
+                keys.append(full)
+                requests.append((tensor, base_device(base, device), adapter_dtype(base, dtype)))
             else:
                 copies.append((existing, tensor))
+        requested = set(keys)
         for key, existing in state.items():
             if (
                 existing.device.type == "meta"
-                and key not in assign
+                and key not in requested
                 and (f".{name}." in key or key.endswith(name))
             ):
                 raise MissingTensorError(f"{where}: no tensor for `{key}`")
+        # After every check: the device copies are the expensive part.
+        assign = dict(zip(keys, to_devices(requests), strict=True))
         model.load_state_dict(assign, strict=False, assign=True)
         with torch.no_grad():
             for existing, value in copies:

@@ -5,6 +5,7 @@
 
 mod convert;
 mod errors;
+mod gather;
 mod reader;
 mod writer;
 
@@ -22,5 +23,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(writer::plan_header, m)?)?;
     m.add_function(wrap_pyfunction!(convert::convert_file, m)?)?;
     m.add_function(wrap_pyfunction!(convert::inspect_torch, m)?)?;
+    m.add_function(wrap_pyfunction!(gather::copy_ranges, m)?)?;
     Ok(())
 }
