@@ -18,21 +18,28 @@ from typing import Any
 OURS = "fastadapter"
 # The ceilings: raw_write and the same write into preallocated extents (ext4 then skips a synchronous
 # flush) for saves; floor (map the file, read every tensor once) for loads; cp of the source bytes for
-# conversions.
-CEILINGS = ("raw_write", "raw_write_fallocate", "floor", "cp")
+# conversions; one copy from page-locked memory for host-to-device transfers (bench_cuda).
+CEILINGS = ("raw_write", "raw_write_fallocate", "floor", "cp", "torch_pinned_h2d")
 ORDER = (
     "fastadapter",
     "fastadapter_noverify",
+    "fastadapter_fsync",
+    "fastadapter_sync",
+    "fastadapter_per_tensor",
     "peft",
     "peft_low_cpu_mem",
     "peft_load_adapter",
     "safetensors",
+    "torch_save",
     "raw_write",
     "raw_write_fallocate",
     "floor",
     "torch_mmap",
     "hf_convert",
     "cp",
+    "per_tensor_to",
+    "torch_pageable_h2d",
+    "torch_pinned_h2d",
 )
 
 
@@ -45,6 +52,7 @@ class Result:
     background: list[float]  # share of CPU time other processes used during each block
     anon_peak_mb: float | None = None  # conversions: peak anonymous-memory growth of one run
     file_peak_mb: float | None = None  # conversions: peak file-backed RSS growth (mapped page cache)
+    device: str | None = None  # GPU benchmarks: the device's name
 
     @property
     def median_s(self) -> float:
@@ -77,6 +85,8 @@ def load(path: str) -> tuple[dict[str, Any], dict[str, list[Result]]]:
             results[contender] = Result(
                 contender, list(times), int(info.get("bytes", 0)), int(info.get("tensors", 0)), background
             )
+        if "device" in info:
+            results[contender].device = str(info["device"])
         for key in ("anon_peak_mb", "file_peak_mb"):
             if key in info:
                 previous = getattr(results[contender], key)
@@ -103,8 +113,9 @@ def table(group: str, results: list[Result]) -> str:
     ours = next((r for r in results if r.contender == OURS), None)
     first = results[0]
     memory = any(r.anon_peak_mb is not None for r in results)  # only conversions record it
+    on = f", {first.device}" if first.device else ""
     lines = [
-        f"### {group}: {first.nbytes / 1e6:.0f} MB, {first.tensors} tensors",
+        f"### {group}: {first.nbytes / 1e6:.0f} MB, {first.tensors} tensors{on}",
         "",
         "| contender | rounds | median (ms) | min (ms) | GB/s | fastadapter speedup |"
         + (" peak anon growth (MB) | peak mapped file (MB) |" if memory else ""),
