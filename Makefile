@@ -12,7 +12,7 @@ export PYO3_PYTHON := $(abspath $(PY))
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: all venv develop test test-rust test-python lint fmt demo bench clean
+.PHONY: all venv develop test test-rust test-python lint fmt demo bench clean fuzz-smoke
 
 all: test
 
@@ -48,8 +48,13 @@ fmt: $(DEPS_STAMP)
 	$(VENV)/bin/ruff format python tests benches scripts
 	$(VENV)/bin/ruff check --fix python tests benches scripts
 
-# The README's test command: bootstrap, Rust tests, lint, Python tests. Fails on any failure.
-test: develop test-rust lint test-python
+# A few seconds per cargo-fuzz target (rust/fuzz); says "skipped: <reason>" without nightly + cargo-fuzz.
+# Longer: `FUZZ_SECONDS=300 scripts/fuzz_smoke.sh`.
+fuzz-smoke:
+	scripts/fuzz_smoke.sh
+
+# The README's test command: bootstrap, Rust tests, lint, Python tests, fuzz smoke. Fails on any failure.
+test: develop test-rust lint test-python fuzz-smoke
 
 # The README's main job: a generated model, LoRA added, saved by fastadapter and by PEFT, files compared.
 demo: develop

@@ -234,9 +234,12 @@ impl FusedCrc {
         let mut slot_of_entry = HashMap::new();
         for entry in storages {
             let bytes = zip.entry_bytes(entry);
-            let covering = resolved
-                .iter()
-                .position(|r| matches!(r.data, Cow::Borrowed(d) if std::ptr::eq(d, bytes)));
+            // The entry itself must match, not only its bytes: two entries covering the same bytes
+            // would otherwise share one tensor's pieces, and one of them would never be checked.
+            let covering = resolved.iter().position(|r| {
+                r.entry.name == entry.name
+                    && matches!(r.data, Cow::Borrowed(d) if std::ptr::eq(d, bytes))
+            });
             if let Some(tensor) = covering {
                 let slot = slot_of_entry.len();
                 slot_of_entry.insert(entry.name.clone(), slot);

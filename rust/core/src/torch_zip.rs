@@ -396,7 +396,26 @@ fn read_central_directory(
         }
     }
     let root = root.ok_or_else(|| Error::zip(path, "archive has no entries"))?;
+    check_disjoint(path, &entries)?;
     Ok((root, entries))
+}
+
+/// torch.save never lets two entries share bytes; overlapping entries (the "overlapped zip bomb" trick)
+/// would let one stored byte range pass for several storages, so they are refused.
+fn check_disjoint(path: &Path, entries: &HashMap<String, ZipEntry>) -> Result<()> {
+    let mut ranges: Vec<&ZipEntry> = entries.values().filter(|e| e.len > 0).collect();
+    ranges.sort_unstable_by(|a, b| (a.start, &a.name).cmp(&(b.start, &b.name)));
+    for pair in ranges.windows(2) {
+        let (a, b) = (pair[0], pair[1]);
+        if a.start + a.len > b.start {
+            return Err(Error::entry(
+                path,
+                &b.name,
+                format!("its data overlaps entry `{}`", a.name),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Zip-slip and friends: names that could escape a directory if anyone ever extracted the archive.

@@ -1,0 +1,60 @@
+//! Any bytes as a torch.save checkpoint, through the whole converter: zip container, restricted pickle,
+//! view resolution and gathering, the writer, and verification. It must return an error, or publish a
+//! safetensors file that our reader accepts with one entry per converted tensor.
+#![no_main]
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use fastadapter_core::convert::{convert_zip, ConvertOptions};
+use fastadapter_core::pickle::Limits;
+use fastadapter_core::reader::SafetensorsFile;
+use fastadapter_core::torch_zip::TorchZip;
+use libfuzzer_sys::fuzz_target;
+
+fn out_dir() -> &'static PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let base = std::path::Path::new("/dev/shm");
+        let dir = if base.is_dir() {
+            tempfile::tempdir_in(base)
+        } else {
+            tempfile::tempdir()
+        };
+        dir.expect("temp dir").keep()
+    })
+}
+
+/// The default limits scaled down: a bomb is stopped by the same checks, after less work, so the
+/// fuzzer spends its time on new inputs instead of walking 2^22 shared references each time.
+fn fuzz_limits() -> Limits {
+    Limits {
+        max_depth: 1_000,
+        max_values: 1 << 16,
+        max_memo: 1 << 16,
+        max_items: 1 << 16,
+        max_visits: 1 << 12,
+        max_name_bytes: 1 << 20,
+        max_expanded_bytes: 1 << 24,
+    }
+}
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(zip) = TorchZip::from_bytes("fuzz.bin", data) else {
+        return;
+    };
+    let dst = out_dir().join("out.safetensors");
+    let options = ConvertOptions {
+        verify: true,
+        limits: fuzz_limits(),
+        ..ConvertOptions::default()
+    };
+    match convert_zip(&zip, &dst, &options) {
+        Ok(report) => {
+            let out = SafetensorsFile::open(&dst).expect("published output must be valid");
+            assert_eq!(out.entries().len(), report.tensors);
+            std::fs::remove_file(&dst).unwrap();
+        }
+        Err(_) => assert!(!dst.exists(), "a failed conversion published its output"),
+    }
+});
