@@ -10,6 +10,7 @@ imports neither peft nor torch: modules that need torch import it when they are 
 from __future__ import annotations
 
 from ._core import __version__
+from .checkpoint import Checkpointer
 from .convert import Conversion, ConvertReport, convert, convert_dir
 from .errors import (
     AdapterExistsError,
@@ -33,6 +34,7 @@ __all__ = [
     "AdapterExistsError",
     "AdapterNotFoundError",
     "CheckpointError",
+    "Checkpointer",
     "ConfigError",
     "Conversion",
     "ConvertReport",

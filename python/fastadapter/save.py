@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import _core
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["save"]
+__all__ = ["adapter_files", "save"]
 
 SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
 WEIGHTS_NAME = "adapter_model.bin"
@@ -58,50 +58,109 @@ def save(
     save_directory = os.fspath(save_directory)
     if os.path.isfile(save_directory):
         raise NotADirectoryPathError(f"Provided path ({save_directory}) should be a directory, not a file")
+    planned = adapter_files(
+        model,
+        save_directory,
+        selected_adapters,
+        save_embedding_layers,
+        is_main_process=is_main_process,
+        state_dict=kwargs.get("state_dict"),
+        path_initial_model_for_weight_conversion=path_initial_model_for_weight_conversion,
+    )
+    if is_main_process:
+        os.makedirs(save_directory, exist_ok=True)
+    with FileSet() as files:
+        for relative, payload in planned:
+            target = os.path.join(save_directory, relative)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            if isinstance(payload, bytes):
+                files.stage_bytes(target, payload, fsync)
+            elif safe_serialization:
+                _stage_weights(files, target, payload, fsync)
+            else:
+                _stage_bin(files, target, payload)
+
+
+# What one adapter save consists of: (path relative to the save directory, content); weights are
+# given as the state dict under the safetensors name, the caller decides how to serialise them.
+PlannedFile = tuple[str, "dict[str, torch.Tensor] | bytes"]
+
+
+def adapter_files(
+    model: nn.Module,
+    save_directory: str,
+    selected_adapters: Sequence[str] | None = None,
+    save_embedding_layers: bool | str = "auto",
+    *,
+    is_main_process: bool = True,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    path_initial_model_for_weight_conversion: str | os.PathLike[str] | None = None,
+) -> Iterator[PlannedFile]:
+    """The files `save` writes for `model`, in PEFT's order, without writing anything: README.md, then
+    for each adapter its weights and its adapter_config.json (under `<name>/` unless it is "default").
+    `fastadapter.save` stages them; the Checkpointer snapshots them. Consume it fully: PEFT's side
+    effects (filling the config's base_model_name_or_path) happen as the files are produced, and on
+    non-main processes it still computes every state dict (a collective for sharded models) but
+    yields no file. The model and `selected_adapters` are checked before this returns."""
     configs = _peft_configs(model)
     names = _selected(configs, selected_adapters)
+    return _adapter_files(
+        model,
+        save_directory,
+        configs,
+        names,
+        save_embedding_layers,
+        is_main_process,
+        state_dict,
+        path_initial_model_for_weight_conversion,
+    )
+
+
+def _adapter_files(
+    model: nn.Module,
+    save_directory: str,
+    configs: dict[str, Any],
+    names: list[str],
+    save_embedding_layers: bool | str,
+    is_main_process: bool,
+    state_dict: dict[str, torch.Tensor] | None,
+    path_initial_model_for_weight_conversion: str | os.PathLike[str] | None,
+) -> Iterator[PlannedFile]:
     # Config and card: fastadapter's own for models it injected (no PeftModel, maybe no peft), PEFT's
     # otherwise. Both modules offer base_model_name_or_path, config_json and model_card.
     from . import _config, _peft_files
     from ._peft_state import resolve_save_embedding_layers
 
     meta: Any = _config if adapter_state(model) is not None else _peft_files
-
     if is_main_process:
-        os.makedirs(save_directory, exist_ok=True)
-    with FileSet() as files:
-        if is_main_process:
-            files.stage_bytes(
-                os.path.join(save_directory, "README.md"), meta.model_card(model, save_directory), fsync
-            )
-        for name in names:
-            config = configs[name]
-            embeddings = resolve_save_embedding_layers(model, config, save_embedding_layers)
-            state_dict = _adapter_state_dict(model, name, embeddings, kwargs.get("state_dict"))
-            output_dir = os.path.join(save_directory, name) if name != "default" else save_directory
-            os.makedirs(output_dir, exist_ok=True)
-            if not is_main_process:
-                continue
-            converting = path_initial_model_for_weight_conversion is not None
-            if converting:
-                from ._conversion import check_convertible, subtract_initial
+        yield "README.md", meta.model_card(model, save_directory)
+    for name in names:
+        config = configs[name]
+        embeddings = resolve_save_embedding_layers(model, config, save_embedding_layers)
+        weights = _adapter_state_dict(model, name, embeddings, state_dict)
+        subdir = name if name != "default" else ""
+        if not is_main_process:
+            os.makedirs(os.path.join(save_directory, subdir), exist_ok=True)  # as PEFT does on every rank
+            continue
+        converting = path_initial_model_for_weight_conversion is not None
+        if converting:
+            from ._conversion import check_convertible, subtract_initial
 
-                check_convertible(config)
-                initial = os.fspath(path_initial_model_for_weight_conversion)  # type: ignore[arg-type]
-                state_dict = subtract_initial(state_dict, initial)
-            _stage_weights(files, output_dir, state_dict, safe_serialization, fsync)
+            check_convertible(config)
+            initial = os.fspath(path_initial_model_for_weight_conversion)  # type: ignore[arg-type]
+            weights = subtract_initial(weights, initial)
+        yield os.path.join(subdir, SAFETENSORS_WEIGHTS_NAME), weights
 
-            # PEFT fills an unset base_model_name_or_path on the model's own config (not on the copy it
-            # saves when converting); later saves, and their "auto" embedding decision, see it.
-            filled = meta.base_model_name_or_path(model, config)
-            if not converting:
-                config.base_model_name_or_path = filled
-            saved = config if not converting else _with_base(config, filled)
-            files.stage_bytes(
-                os.path.join(output_dir, CONFIG_NAME),
-                meta.config_json(model, saved, converted_from_initial=converting),
-                fsync,
-            )
+        # PEFT fills an unset base_model_name_or_path on the model's own config (not on the copy it
+        # saves when converting); later saves, and their "auto" embedding decision, see it.
+        filled = meta.base_model_name_or_path(model, config)
+        if not converting:
+            config.base_model_name_or_path = filled
+        saved = config if not converting else _with_base(config, filled)
+        yield (
+            os.path.join(subdir, CONFIG_NAME),
+            meta.config_json(model, saved, converted_from_initial=converting),
+        )
 
 
 def _peft_configs(model: nn.Module) -> dict[str, Any]:
@@ -165,19 +224,17 @@ def _adapter_state_dict(
     return lora_state_dict(model, name, save_embeddings)
 
 
-def _stage_weights(
-    files: FileSet, output_dir: str, state_dict: dict[str, torch.Tensor], safe: bool, fsync: bool
-) -> None:
-    import torch
-
+def _stage_weights(files: FileSet, target: str, state_dict: dict[str, torch.Tensor], fsync: bool) -> None:
     from ._tensors import write_records
 
-    if safe:
-        target = os.path.join(output_dir, SAFETENSORS_WEIGHTS_NAME)
-        files.add(_core.write_safetensors(target, write_records(state_dict), {"format": "pt"}, fsync))
-    else:
-        target = os.path.join(output_dir, WEIGHTS_NAME)
-        files.add(StagedByCallback(target, lambda path: torch.save(state_dict, path)))
+    files.add(_core.write_safetensors(target, write_records(state_dict), {"format": "pt"}, fsync))
+
+
+def _stage_bin(files: FileSet, safetensors_target: str, state_dict: dict[str, torch.Tensor]) -> None:
+    import torch
+
+    target = os.path.join(os.path.dirname(safetensors_target), WEIGHTS_NAME)
+    files.add(StagedByCallback(target, lambda path: torch.save(state_dict, path)))
 
 
 def _with_base(config: Any, base: str | None) -> Any:

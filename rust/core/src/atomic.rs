@@ -27,6 +27,11 @@ impl PendingFile {
         let name = target
             .file_name()
             .ok_or_else(|| Error::io(target, std::io::Error::other("path has no file name")))?;
+        if name.len() > NAME_MAX {
+            // Refused before any data is written, rather than by the rename at the very end.
+            let too_long = std::io::Error::from_raw_os_error(libc::ENAMETOOLONG);
+            return Err(Error::io(target, too_long));
+        }
         let dir = match target.parent() {
             Some(p) if !p.as_os_str().is_empty() => p,
             _ => Path::new("."),
@@ -74,6 +79,7 @@ impl PendingFile {
 /// because tempfile wraps OS errors in a type that hides the errno, and callers (Python's OSError
 /// subclasses) need it.
 fn create_temp(dir: &Path, name: &str) -> std::io::Result<NamedTempFile> {
+    let name = temp_stem(name);
     let mut last = None;
     for _ in 0..16 {
         let path = dir.join(format!(".{name}.{:016x}.tmp", random_u64()));
@@ -100,7 +106,22 @@ fn create_temp(dir: &Path, name: &str) -> std::io::Result<NamedTempFile> {
     Err(last.expect("the loop ran"))
 }
 
-fn random_u64() -> u64 {
+/// Longest file name Linux file systems take (NAME_MAX).
+const NAME_MAX: usize = 255;
+/// What `.<stem>.<16 hex digits>.tmp` adds to the stem.
+const TEMP_DECORATION: usize = 1 + 1 + 16 + 4;
+
+/// The target's name, cut (on a character boundary) so that the temp name stays within NAME_MAX: a
+/// target name of up to 255 bytes is legal, and must not fail because its temp name would be longer.
+fn temp_stem(name: &str) -> &str {
+    let mut end = name.len().min(NAME_MAX - TEMP_DECORATION);
+    while !name.is_char_boundary(end) {
+        end -= 1;
+    }
+    &name[..end]
+}
+
+pub(crate) fn random_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     // RandomState is seeded per instance from the OS; mixing in time and pid keeps names apart
     // across processes and calls without a dependency on a random-number crate.
@@ -183,6 +204,27 @@ mod tests {
         );
         assert!(
             matches!(err, Error::Io { ref source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+        );
+    }
+
+    #[test]
+    fn names_up_to_name_max_can_be_published() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in [
+            "a".repeat(255),
+            "é".repeat(127),
+            format!("{}.safetensors", "b".repeat(240)),
+        ] {
+            let target = dir.path().join(&name);
+            stage_bytes(&target, b"x", false).unwrap().commit().unwrap();
+            assert_eq!(std::fs::read(&target).unwrap(), b"x", "{name}");
+        }
+        assert!(temp_files(dir.path()).is_empty());
+        let err = stage_bytes(&dir.path().join("c".repeat(256)), b"x", false).unwrap_err();
+        assert!(err.to_string().contains(&"c".repeat(256)), "{err}");
+        assert!(
+            matches!(&err, Error::Io { source, .. } if source.raw_os_error() == Some(libc::ENAMETOOLONG)),
+            "{err:?}"
         );
     }
 

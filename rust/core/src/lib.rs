@@ -12,6 +12,7 @@
 //! * [`convert`]: `.bin` to safetensors, tensor bytes going from the source mapping to the output file.
 
 pub mod atomic;
+pub mod checkpoint;
 pub mod convert;
 pub mod error;
 pub mod layout;
@@ -19,6 +20,7 @@ pub mod pickle;
 pub mod pickle_globals;
 pub mod reader;
 pub mod select;
+pub mod snapshot;
 pub mod state_dict;
 pub mod torch_dtype;
 pub mod torch_zip;

@@ -1,0 +1,497 @@
+"""`fastadapter.Checkpointer`: checkpoints that cost the training loop one memory copy.
+
+`save(step, model_or_state_dict)` copies the tensors into a reusable host buffer (pinned when they are
+on CUDA), laid out as the final files' bytes, hands the buffer to a Rust thread and returns. The
+thread writes the files (several at once for sharded models) into a hidden temp directory, fsyncs
+them, renames the directory to `root/checkpoint-<step>` and only then deletes checkpoints beyond
+`keep_last`. A reader, or a restarted job, sees whole checkpoints or none; a killed writer leaves a
+hidden temp directory that is ignored and later cleaned up.
+
+What is written:
+* a model with adapters (a `peft.PeftModel`, or one fastadapter injected): exactly the files
+  `fastadapter.save` / `save_pretrained` writes (byte-identical `adapter_model.safetensors`,
+  `adapter_config.json`, `README.md`), so the checkpoint directory loads in PEFT;
+* a state dict, or a module without adapters: Hugging Face sharded safetensors
+  (`model.safetensors`, or `model-0000X-of-0000Y.safetensors` + `model.safetensors.index.json`),
+  plus `config.json` when the module is a transformers model;
+* always `fastadapter_checkpoint.json`: the step, the kind, tied-weight aliases and `extra`.
+
+Ranks: only rank 0 writes a checkpoint of shared weights (other ranks' `save` returns at once);
+with `per_rank=True` every rank writes its own part as `checkpoint-<step>/rank-<r>-of-<n>/`, each
+part published atomically, and the step counts as complete once all parts are there.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+
+from . import _core
+from ._snapshot import SnapshotBuffer, take
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+__all__ = ["Checkpointer"]
+
+META_NAME = "fastadapter_checkpoint.json"
+MODEL_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+ADAPTER_NAME = "adapter_model.safetensors"
+FORMAT = "fastadapter-checkpoint"
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
+
+
+@dataclass
+class _Pending:
+    job: _core.CheckpointJob
+    buffer: SnapshotBuffer
+
+
+class Checkpointer:
+    """Periodic checkpoints under `root`: `save` stalls for one copy, a Rust thread writes.
+
+    `keep_last`: after each checkpoint is durable, delete all but the newest `keep_last` (by step; the
+    one just written always stays). `async_save=False` makes `save` return only once the checkpoint is
+    published. `fsync`: make every checkpoint durable (files, directories) before it is published and
+    before old ones are deleted. `max_pending`: saves in flight at most; a further `save` first waits
+    for the oldest (memory stays bounded at `max_pending` snapshot buffers). `max_shard_size` (bytes or
+    "5GB"-style) splits full state dicts into shards like `save_pretrained`. `rank`/`world_size` default
+    to torch.distributed's, else the RANK/WORLD_SIZE environment variables, else 0/1.
+
+    A failure in the background is raised by the next call (`save`, `wait`, `close`, `steps`, `latest`,
+    `load`), once. Use as a context manager, or call `close()`, to wait for the last saves.
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        keep_last: int | None = None,
+        async_save: bool = True,
+        fsync: bool = True,
+        max_pending: int = 1,
+        max_shard_size: int | str = "5GB",
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
+        if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
+            raise ValueError(f"keep_last must be a positive int or None, not {keep_last!r}")
+        if not isinstance(max_pending, int) or max_pending < 1:
+            raise ValueError(f"max_pending must be a positive int, not {max_pending!r}")
+        self.root = os.fspath(root)
+        self.keep_last = keep_last
+        self.async_save = async_save
+        self.fsync = fsync
+        self.max_shard_size = parse_size(max_shard_size)
+        self.rank, self.world_size = _rank_info(rank, world_size)
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is not in 0..{self.world_size - 1}")
+        self._free = [SnapshotBuffer() for _ in range(max_pending)]
+        self._pending: collections.deque[_Pending] = collections.deque()
+        self._failure: BaseException | None = None
+        self._closed = False
+        if os.path.isfile(self.root):
+            raise NotADirectoryError(f"checkpoint root {self.root!r} is a file")
+        if os.path.isdir(self.root):
+            # Temp directories of writers that died (never those of a live process): they are never
+            # read, this only frees their space.
+            _core.clean_stale_checkpoints(self.root)
+
+    # -- saving ---------------------------------------------------------------------------------------
+
+    def save(
+        self,
+        step: int,
+        model_or_state_dict: nn.Module | Mapping[str, torch.Tensor],
+        *,
+        extra: Mapping[str, Any] | None = None,
+        files: Mapping[str, bytes] | None = None,
+        per_rank: bool = False,
+    ) -> None:
+        """Snapshot `model_or_state_dict` as checkpoint `step` and return; the files are written in the
+        background (or before returning, with `async_save=False`). `extra`: JSON-serialisable metadata
+        stored in fastadapter_checkpoint.json. `files`: more small files to put in the checkpoint
+        (e.g. `trainer_state.json`), relative name → bytes."""
+        self._check_open()
+        self._reap(block=False)
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"step must be a non-negative int, not {step!r}")
+        if self.rank != 0 and not per_rank:
+            return  # shared files are written by rank 0 only
+        meta: dict[str, Any] = {"format": FORMAT, "version": 1, "step": step}
+        if extra is not None:
+            meta["extra"] = dict(extra)
+        big, small = self._plan(step, model_or_state_dict, meta, per_rank)
+        small.append((META_NAME, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()))
+        for name, data in (files or {}).items():
+            if name in {n for n, *_ in big} or name in {n for n, _ in small}:
+                raise ValueError(f"extra file {name!r} clashes with a checkpoint file")
+            small.append((name, bytes(data)))
+        buffer = self._acquire()
+        try:
+            view, images = take(buffer, big)
+            job = _core.publish_checkpoint(
+                self.root,
+                step,
+                view.numpy().data,
+                [(i.name, i.start, i.end) for i in images],
+                small,
+                fsync=self.fsync,
+                parallel=True,
+                keep_last=self.keep_last if self.rank == 0 else None,
+                part=f"rank-{self.rank:05d}-of-{self.world_size:05d}" if per_rank else None,
+            )
+        except BaseException:
+            self._free.append(buffer)
+            raise
+        self._pending.append(_Pending(job, buffer))
+        if not self.async_save:
+            self.wait()
+
+    def _plan(
+        self, step: int, obj: Any, meta: dict[str, Any], per_rank: bool
+    ) -> tuple[
+        list[tuple[str, Mapping[str, torch.Tensor], Mapping[str, str] | None]], list[tuple[str, bytes]]
+    ]:
+        from torch import nn
+
+        from ._config import adapter_state
+
+        pt = {"format": "pt"}
+        big: list[tuple[str, Mapping[str, torch.Tensor], Mapping[str, str] | None]] = []
+        small: list[tuple[str, bytes]] = []
+        if isinstance(obj, nn.Module) and _has_adapters(obj, adapter_state):
+            if per_rank:
+                raise ValueError("per_rank=True is for full state dicts; adapters are saved by rank 0")
+            from .save import adapter_files
+
+            meta["kind"] = "adapter"
+            final = os.path.join(self.root, f"checkpoint-{step}")
+            for name, payload in adapter_files(obj, final):
+                if isinstance(payload, bytes):
+                    small.append((name, payload))
+                else:
+                    big.append((name, payload, pt))
+            return big, small
+        meta["kind"] = "full"
+        if isinstance(obj, nn.Module):
+            state = obj.state_dict()
+            config = getattr(obj, "config", None)
+            if config is not None and callable(getattr(config, "to_json_string", None)):
+                small.append(("config.json", config.to_json_string(use_diff=True).encode()))
+            total_parameters: int | None = sum(p.numel() for p in obj.parameters())
+        elif isinstance(obj, Mapping):
+            state = dict(obj)
+            total_parameters = None
+        else:
+            raise TypeError(f"expected an nn.Module or a state dict, not {type(obj).__name__}")
+        unique, aliases = dedupe_aliases(state)
+        if aliases:
+            meta["aliases"] = aliases
+        shards, index = shard(unique, self.max_shard_size, total_parameters)
+        if index is not None:
+            small.append((INDEX_NAME, index))
+        return [(name, tensors, pt) for name, tensors in shards], small
+
+    def _acquire(self) -> SnapshotBuffer:
+        # Back-pressure: at most max_pending snapshots exist; wait for the oldest to be written.
+        while not self._free:
+            self._finish(self._pending.popleft())
+            self._raise_failure()
+        return self._free.pop()
+
+    # -- waiting --------------------------------------------------------------------------------------
+
+    def wait(self) -> None:
+        """Block until every pending checkpoint is published; raise the first background failure."""
+        while self._pending:
+            self._finish(self._pending.popleft())
+        self._raise_failure()
+
+    def close(self) -> None:
+        """Wait for pending saves, then refuse further ones. Idempotent."""
+        if self._closed:
+            return
+        try:
+            self.wait()
+        finally:
+            self._closed = True
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def _finish(self, pending: _Pending) -> None:
+        try:
+            pending.job.wait()
+        except BaseException as e:  # kept and raised by the caller, never dropped
+            if self._failure is None:
+                self._failure = e
+        finally:
+            self._free.append(pending.buffer)
+
+    def _reap(self, block: bool) -> None:
+        while self._pending and (block or self._pending[0].job.done()):
+            self._finish(self._pending.popleft())
+        self._raise_failure()
+
+    def _raise_failure(self) -> None:
+        failure, self._failure = self._failure, None
+        if failure is not None:
+            raise failure
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this Checkpointer is closed")
+
+    # -- reading --------------------------------------------------------------------------------------
+
+    def steps(self) -> list[int]:
+        """Steps of the complete checkpoints on disk, ascending."""
+        self._reap(block=False)
+        return list(_core.checkpoint_steps(self.root))
+
+    def latest(self) -> int | None:
+        """The newest complete checkpoint's step, or None."""
+        steps = self.steps()
+        return steps[-1] if steps else None
+
+    def path(self, step: int) -> str:
+        return os.path.join(self.root, f"checkpoint-{step}")
+
+    def extra(self, step: int | None = None) -> dict[str, Any]:
+        """The `extra` metadata saved with checkpoint `step` (default: the latest)."""
+        meta = _read_meta(self.path(self._resolve(step)))
+        extra: dict[str, Any] = meta.get("extra", {})
+        return extra
+
+    def load(
+        self,
+        step: int | None = None,
+        model: nn.Module | None = None,
+        *,
+        adapter_name: str = "default",
+    ) -> dict[str, torch.Tensor]:
+        """The tensors of checkpoint `step` (default: the latest), after waiting for pending saves.
+
+        For an adapter checkpoint, those of adapter `adapter_name` (keys as in PEFT's file); for a full
+        one, the whole state dict (tied aliases restored). Given `model`, they are also loaded into it:
+        into its existing adapter `adapter_name` in place (a resumed run), or by `fastadapter.load` if
+        it has none; a full state dict with `model.load_state_dict`.
+        """
+        self.wait()
+        directory = self.path(self._resolve(step))
+        meta = _read_meta(directory)
+        if meta.get("kind", "adapter" if _is_adapter_dir(directory) else "full") == "adapter":
+            return _load_adapter(directory, model, adapter_name)
+        state = _load_full(directory, meta)
+        if model is not None:
+            model.load_state_dict(state)
+        return state
+
+    def _resolve(self, step: int | None) -> int:
+        if step is not None:
+            if step not in self.steps():
+                raise FileNotFoundError(f"no complete checkpoint for step {step} under {self.root}")
+            return step
+        latest = self.latest()
+        if latest is None:
+            raise FileNotFoundError(f"no checkpoint under {self.root}")
+        return latest
+
+
+# -- pieces shared with tests and the Trainer callback -------------------------------------------------
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a `save_pretrained`-style string ("5GB" = 5e9, "500MiB" = 500 * 2**20)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        if size <= 0:
+            raise ValueError(f"max_shard_size must be positive, not {size}")
+        return size
+    m = _SIZE.match(str(size))
+    if not m:
+        raise ValueError(f"max_shard_size {size!r} is not a size like 5GB or 500MiB")
+    value = int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
+    if value <= 0:
+        raise ValueError(f"max_shard_size must be positive, not {size!r}")
+    return value
+
+
+def dedupe_aliases(state: Mapping[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Drop tensors that are the very same view of the same memory as an earlier key (tied weights),
+    as `save_pretrained` does; returns (state without them, {dropped: kept})."""
+    seen: dict[tuple[Any, ...], str] = {}
+    unique: dict[str, torch.Tensor] = {}
+    aliases: dict[str, str] = {}
+    for name, t in state.items():
+        if t.device.type == "meta" or t.numel() == 0:
+            unique[name] = t
+            continue
+        key = (t.device, t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+        if key in seen:
+            aliases[name] = seen[key]
+        else:
+            seen[key] = name
+            unique[name] = t
+    return unique, aliases
+
+
+def shard(
+    state: Mapping[str, torch.Tensor], max_shard_size: int, total_parameters: int | None = None
+) -> tuple[list[tuple[str, dict[str, torch.Tensor]]], bytes | None]:
+    """Split like `huggingface_hub.split_torch_state_dict_into_shards` (in key order; a tensor larger
+    than the limit gets a shard of its own) and name the files as `save_pretrained` does. Returns the
+    shards and, when there are several, the index JSON bytes transformers writes."""
+    shards: list[dict[str, torch.Tensor]] = []
+    current: dict[str, torch.Tensor] = {}
+    current_size = total = 0
+    for name, t in state.items():
+        size = t.numel() * t.element_size()
+        total += size
+        if size > max_shard_size:
+            shards.append({name: t})
+            continue
+        if current_size + size > max_shard_size:
+            shards.append(current)
+            current, current_size = {}, 0
+        current[name] = t
+        current_size += size
+    if current or not shards:
+        shards.append(current)
+    if len(shards) == 1:
+        return [(MODEL_NAME, shards[0])], None
+    n = len(shards)
+    named = [(f"model-{i + 1:05d}-of-{n:05d}.safetensors", s) for i, s in enumerate(shards)]
+    metadata: dict[str, int] = {"total_size": total}
+    if total_parameters is not None:
+        metadata["total_parameters"] = total_parameters
+    index = {
+        "metadata": metadata,
+        "weight_map": {key: file for file, s in named for key in s},
+    }
+    return named, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _rank_info(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if rank is not None and world_size is not None:
+        return rank, world_size
+    import sys
+
+    dist = getattr(sys.modules.get("torch"), "distributed", None)
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        r, w = dist.get_rank(), dist.get_world_size()
+    else:
+        r, w = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    return (r if rank is None else rank), (w if world_size is None else world_size)
+
+
+def _has_adapters(model: Any, adapter_state: Any) -> bool:
+    if adapter_state(model) is not None:
+        return True
+    import sys
+
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
+
+
+def _read_meta(directory: str) -> dict[str, Any]:
+    try:
+        with open(os.path.join(directory, META_NAME), encoding="utf-8") as f:
+            meta: dict[str, Any] = json.load(f)
+    except FileNotFoundError:
+        return {}  # e.g. a checkpoint transformers.Trainer wrote itself
+    return meta
+
+
+def _is_adapter_dir(directory: str) -> bool:
+    return os.path.isfile(os.path.join(directory, ADAPTER_NAME))
+
+
+def _load_full(directory: str, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
+    from ._tensors import load_safetensors
+
+    index_path = os.path.join(directory, INDEX_NAME)
+    if os.path.isfile(index_path):
+        with open(index_path, encoding="utf-8") as f:
+            weight_map: dict[str, str] = json.load(f)["weight_map"]
+        files = list(dict.fromkeys(weight_map.values()))
+    else:
+        weight_map, files = {}, [MODEL_NAME]
+    state: dict[str, torch.Tensor] = {}
+    for name in files:
+        state.update(load_safetensors(os.path.join(directory, name)))
+    missing = [k for k in weight_map if k not in state]
+    if missing:
+        from .errors import MissingTensorError
+
+        raise MissingTensorError(f"{index_path}: tensors listed but not in the shards: {missing[:5]}")
+    for dropped, kept in meta.get("aliases", {}).items():
+        state[dropped] = state[kept]
+    return state
+
+
+def _load_adapter(directory: str, model: nn.Module | None, adapter_name: str) -> dict[str, torch.Tensor]:
+    from ._tensors import load_safetensors
+
+    sub = directory if adapter_name == "default" else os.path.join(directory, adapter_name)
+    state = load_safetensors(os.path.join(sub, ADAPTER_NAME))
+    if model is None:
+        return state
+    from ._config import adapter_state
+
+    configs = getattr(model, "peft_config", None)
+    injected = adapter_state(model)
+    if injected is not None:
+        configs = injected.configs
+    if configs is None or adapter_name not in configs:
+        from .load import load
+
+        load(model, sub, adapter_name=adapter_name, is_trainable=True)
+        return state
+    _copy_into_adapter(model, adapter_name, state, sub)
+    return state
+
+
+def _copy_into_adapter(model: Any, name: str, state: dict[str, torch.Tensor], where: str) -> None:
+    """Load an adapter's saved tensors into the model's existing adapter, in place (values only)."""
+    import torch
+
+    from ._config import adapter_state
+    from ._peft_state import lora_state_dict
+    from .errors import MissingTensorError, TensorError
+
+    injected = adapter_state(model)
+    if injected is not None:
+        live = lora_state_dict(model, name, True, configs=injected.configs, prefix="base_model.model.")
+    else:
+        live = lora_state_dict(model, name, True)
+    unknown = [k for k in state if k not in live]
+    if unknown:
+        raise MissingTensorError(f"{where}: the model's adapter `{name}` has no tensor {unknown[0]!r}")
+    missing = [k for k in live if k not in state and (".lora_A" in k or ".lora_B" in k)]
+    if missing:
+        raise MissingTensorError(f"{where}: no tensor {missing[0]!r} for the model's adapter `{name}`")
+    with torch.no_grad():
+        for key, value in state.items():
+            target = live[key]
+            if target.shape != value.shape:
+                raise TensorError(
+                    f"{where}: tensor `{key}` has shape {tuple(value.shape)}, "
+                    f"the model's has {tuple(target.shape)}"
+                )
+            target.copy_(value)

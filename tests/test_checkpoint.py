@@ -1,0 +1,304 @@
+"""The Checkpointer against its oracles: PEFT's save_pretrained for adapter checkpoints,
+huggingface_hub's shard split + safetensors' save_file + transformers' from_pretrained for full ones."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from huggingface_hub import split_torch_state_dict_into_shards
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+import fastadapter
+from fastadapter import Checkpointer
+from fastadapter.checkpoint import parse_size
+from helpers import (
+    LLAMA_LINEARS,
+    assert_same_files,
+    leftovers,
+    logits,
+    lora_config,
+    make_peft,
+    perturb_trainable,
+    tiny_gpt2,
+    tiny_llama,
+    token_ids,
+)
+
+
+def peft_model(seed: int = 1) -> PeftModel:
+    return make_peft(tiny_llama(), lora_config(target_modules=LLAMA_LINEARS), seed=seed)
+
+
+def lora_values(model: Any) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_parameters() if "lora_" in k}
+
+
+# --- adapter checkpoints ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("async_save", [True, False])
+def test_adapter_checkpoint_is_what_save_pretrained_writes(tmp_path: Path, async_save: bool) -> None:
+    model = peft_model()
+    with Checkpointer(tmp_path / "ck", async_save=async_save) as ck:
+        ck.save(7, model, extra={"loss": 0.25})
+        if not async_save:  # published before save() returned
+            assert ck.steps() == [7]
+    model.save_pretrained(str(tmp_path / "peft"))
+    ours = Path(ck.path(7))
+    (ours / "fastadapter_checkpoint.json").rename(tmp_path / "meta.json")
+    keys = assert_same_files(ours, tmp_path / "peft")  # safetensors bytes equal, config, card
+    assert len(keys["adapter_model.safetensors"]) == 2 * 7 * 2
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["step"] == 7
+    assert meta["kind"] == "adapter"
+    assert meta["extra"] == {"loss": 0.25}
+    assert leftovers(tmp_path / "ck") == []
+
+
+def test_adapter_checkpoint_loads_in_peft(tmp_path: Path) -> None:
+    model = peft_model()
+    with Checkpointer(tmp_path) as ck:
+        ck.save(1, model, extra={"loss": 0.25})
+    assert ck.extra(1) == {"loss": 0.25}
+    reloaded = PeftModel.from_pretrained(tiny_llama(), ck.path(1))
+    x = token_ids()
+    torch.testing.assert_close(logits(reloaded, x), logits(model, x), rtol=0, atol=0)
+
+
+def test_snapshot_is_taken_when_save_returns(tmp_path: Path) -> None:
+    """Training goes on while the thread writes: later updates must not leak into the checkpoint."""
+    model = peft_model()
+    before = lora_values(model)
+    with Checkpointer(tmp_path, fsync=False) as ck:
+        ck.save(1, model)
+        perturb_trainable(model, seed=9, scale=5.0)  # immediately, while the write may be running
+        saved = ck.load(1)
+    for key, value in saved.items():
+        live = key.removeprefix("base_model.model.").replace(".weight", ".default.weight")
+        assert torch.equal(value, before["base_model.model." + live]), key
+
+
+def test_several_adapters_and_load_into_existing_adapter(tmp_path: Path) -> None:
+    model = peft_model()
+    model.add_adapter("other", lora_config(r=2))
+    perturb_trainable(model, seed=3)
+    expected = lora_values(model)
+    with Checkpointer(tmp_path) as ck:
+        ck.save(2, model)
+    assert (Path(ck.path(2)) / "other" / "adapter_model.safetensors").is_file()
+    perturb_trainable(model, seed=4)  # a resumed run: same adapters, other values
+    ck.load(2, model)
+    ck.load(2, model, adapter_name="other")
+    for key, value in lora_values(model).items():
+        assert torch.equal(value, expected[key]), key
+
+
+def test_load_injects_into_a_bare_model_without_peft_state(tmp_path: Path) -> None:
+    model = peft_model()
+    with Checkpointer(tmp_path) as ck:
+        ck.save(3, model)
+    bare = tiny_llama()
+    ck.load(model=bare)  # latest
+    x = token_ids()
+    torch.testing.assert_close(logits(bare, x), logits(model, x), rtol=0, atol=0)
+    assert fastadapter.active_adapters(bare) == ["default"]
+
+
+# --- full checkpoints -------------------------------------------------------------------------------
+
+
+def test_full_state_dict_shards_like_save_pretrained(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    state = {f"layer.{i}.weight": torch.randn(64, 40 + i, generator=g) for i in range(12)}
+    state["big"] = torch.randn(300, 100, generator=g)  # larger than a shard: a shard of its own
+    state["half"] = torch.randn(8, 8, generator=g).to(torch.bfloat16)
+    limit = 40_000
+    with Checkpointer(tmp_path, max_shard_size=limit) as ck:
+        ck.save(5, state)
+    directory = Path(ck.path(5))
+    split = split_torch_state_dict_into_shards(
+        state, filename_pattern="model{suffix}.safetensors", max_shard_size=limit
+    )
+    index = json.loads((directory / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == split.tensor_to_filename
+    assert index["metadata"] == split.metadata
+    for filename, keys in split.filename_to_tensors.items():
+        save_file(
+            {k: state[k] for k in keys}, str(tmp_path / "oracle.safetensors"), metadata={"format": "pt"}
+        )
+        assert (directory / filename).read_bytes() == (tmp_path / "oracle.safetensors").read_bytes(), filename
+    loaded = ck.load(5)
+    assert loaded.keys() == state.keys()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items())
+
+
+def test_single_shard_has_no_index(tmp_path: Path) -> None:
+    state = {"a": torch.arange(10.0), "b": torch.ones(3, dtype=torch.int64)}
+    with Checkpointer(tmp_path) as ck:
+        ck.save(0, state)
+    directory = Path(ck.path(0))
+    assert sorted(os.listdir(directory)) == ["fastadapter_checkpoint.json", "model.safetensors"]
+    save_file(state, str(tmp_path / "oracle.safetensors"), metadata={"format": "pt"})
+    assert (directory / "model.safetensors").read_bytes() == (tmp_path / "oracle.safetensors").read_bytes()
+
+
+def test_transformers_model_reloads_with_from_pretrained(tmp_path: Path) -> None:
+    """GPT-2 ties lm_head to the embedding: the alias is stored once, as save_pretrained does, and
+    both from_pretrained and Checkpointer.load restore it."""
+    model = tiny_gpt2()
+    with Checkpointer(tmp_path, max_shard_size="50KB") as ck:
+        ck.save(9, model)
+    directory = ck.path(9)
+    assert (
+        "lm_head.weight"
+        not in json.loads(Path(directory, "model.safetensors.index.json").read_text())["weight_map"]
+    )
+    reloaded = AutoModelForCausalLM.from_pretrained(directory).eval()
+    x = token_ids()
+    torch.testing.assert_close(logits(reloaded, x), logits(model, x), rtol=0, atol=0)
+    state = ck.load(9)
+    assert state["lm_head.weight"] is state["transformer.wte.weight"]
+    fresh = tiny_gpt2(seed=5)
+    ck.load(9, fresh)
+    torch.testing.assert_close(logits(fresh, x), logits(model, x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("text", "value"), [("5GB", 5 * 10**9), ("500MiB", 500 * 2**20), ("10kb", 10_000), (123, 123)]
+)
+def test_shard_sizes_parse_like_transformers(text: Any, value: int) -> None:
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("bad", ["lots", "0GB", -1, "5 parsecs"])
+def test_bad_shard_size_is_refused(bad: Any) -> None:
+    with pytest.raises(ValueError, match="max_shard_size"):
+        parse_size(bad)
+
+
+# --- rotation, restart, failures, back-pressure -------------------------------------------------------
+
+
+def test_rotation_keeps_the_newest(tmp_path: Path) -> None:
+    with Checkpointer(tmp_path, keep_last=2) as ck:
+        for step in (10, 20, 30, 40):
+            ck.save(step, {"w": torch.full((4,), float(step))})
+    assert ck.steps() == [30, 40]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-30", "checkpoint-40"]
+
+
+def test_latest_after_restart_ignores_and_cleans_leftovers(tmp_path: Path) -> None:
+    with Checkpointer(tmp_path) as ck:
+        ck.save(1, {"w": torch.ones(2)})
+        ck.save(2, {"w": torch.full((2,), 2.0)})
+    # What a writer killed mid-save leaves: a hidden temp directory of a process that is gone.
+    dead = tmp_path / f".checkpoint-3.tmp-2147483647-{'ab' * 8}"
+    dead.mkdir()
+    (dead / "model.safetensors").write_bytes(b"partial")
+    restarted = Checkpointer(tmp_path)
+    assert not dead.exists()
+    assert restarted.latest() == 2
+    assert torch.equal(restarted.load()["w"], torch.full((2,), 2.0))
+
+
+def test_background_failure_is_raised_once_by_the_next_call_and_nothing_is_rotated(tmp_path: Path) -> None:
+    ck = Checkpointer(tmp_path, keep_last=1)
+    ck.save(1, {"w": torch.ones(2)})
+    ck.wait()
+    # A name only the writer thread checks (it refuses paths leaving the checkpoint).
+    ck.save(2, {"w": torch.ones(2)}, files={"../escape": b"x"})
+    with pytest.raises(OSError, match="escape"):
+        ck.wait()
+    ck.wait()  # raised once, not forever
+    assert ck.steps() == [1]  # the failed save deleted nothing
+    assert leftovers(tmp_path) == []
+    assert not (tmp_path.parent / "escape").exists()
+    ck.save(3, {"w": torch.ones(2)}, files={"../escape": b"x"})
+    with pytest.raises(OSError, match="escape"):
+        ck.save(4, {"w": torch.ones(2)})  # back-pressure waits for 3 and raises its failure
+    ck.close()
+    assert ck.steps() == [1]
+
+
+def test_back_pressure_bounds_pending_saves_and_reuses_buffers(tmp_path: Path) -> None:
+    for max_pending in (1, 2):
+        ck = Checkpointer(tmp_path / str(max_pending), max_pending=max_pending, fsync=False)
+        pointers = set()
+        for step in range(6):
+            ck.save(step, {"w": torch.full((1 << 18,), float(step))})
+            assert len(ck._pending) <= max_pending
+            pointers.add(ck._pending[-1].buffer.reserve(1, pinned=False).data_ptr())
+        ck.close()
+        assert len(pointers) == max_pending  # one buffer per slot, reused, never more
+        assert ck.steps() == list(range(6))
+        assert torch.equal(ck.load(3)["w"], torch.full((1 << 18,), 3.0))
+
+
+def test_closed_checkpointer_refuses_saves(tmp_path: Path) -> None:
+    ck = Checkpointer(tmp_path)
+    ck.close()
+    ck.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        ck.save(1, {"w": torch.ones(1)})
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"keep_last": 0}, "keep_last"),
+        ({"max_pending": 0}, "max_pending"),
+        ({"rank": 2, "world_size": 2}, "rank"),
+    ],
+)
+def test_bad_arguments_are_refused(tmp_path: Path, kwargs: dict[str, Any], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        Checkpointer(tmp_path, **kwargs)
+
+
+def test_bad_inputs_are_refused_before_anything_is_written(tmp_path: Path) -> None:
+    ck = Checkpointer(tmp_path)
+    with pytest.raises(ValueError, match="step"):
+        ck.save(-1, {"w": torch.ones(1)})
+    with pytest.raises(TypeError, match=r"JSON|serializable"):
+        ck.save(1, {"w": torch.ones(1)}, extra={"x": object()})
+    with pytest.raises(TypeError, match="state dict"):
+        ck.save(1, [torch.ones(1)])  # type: ignore[arg-type]
+    with pytest.raises(fastadapter.TensorError, match="`c`"):
+        ck.save(1, {"c": torch.ones(2, dtype=torch.complex128)})
+    ck.close()
+    assert ck.steps() == []
+    assert leftovers(tmp_path) == []
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    ck = Checkpointer(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        ck.load()
+    with pytest.raises(FileNotFoundError, match="step 5"):
+        ck.load(5)
+
+
+# --- ranks ------------------------------------------------------------------------------------------
+
+
+def test_only_rank0_writes_shared_checkpoints_and_parts_complete_together(tmp_path: Path) -> None:
+    r0 = Checkpointer(tmp_path, rank=0, world_size=2)
+    r1 = Checkpointer(tmp_path, rank=1, world_size=2)
+    r1.save(1, {"w": torch.ones(2)})  # shared: rank 1 writes nothing
+    r1.wait()
+    assert r0.steps() == []
+    r1.save(2, {"part": torch.full((2,), 1.0)}, per_rank=True)
+    r1.wait()
+    assert r0.steps() == []  # rank 0's part is missing: not a checkpoint yet
+    r0.save(2, {"part": torch.full((2,), 0.0)}, per_rank=True)
+    r0.wait()
+    assert r0.steps() == r1.steps() == [2]
+    part = Path(r0.path(2)) / "rank-00001-of-00002" / "model.safetensors"
+    assert torch.equal(load_file(str(part))["part"], torch.full((2,), 1.0))

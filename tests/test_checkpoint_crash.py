@@ -1,0 +1,66 @@
+"""A training process killed (SIGKILL) at a random moment of a checkpoint save: the checkpoints on disk
+are whole, `latest()` is the newest published one, and what the dead writer left is ignored and then
+removed."""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastadapter import Checkpointer
+
+CHILD = textwrap.dedent(
+    """
+    import sys, torch
+    from fastadapter import Checkpointer
+    ck = Checkpointer(sys.argv[1], keep_last=2, fsync=False)
+    state = {f"w{i}": torch.empty(1 << 20) for i in range(12)}  # 48 MB a checkpoint
+    for step in range(1, 10_000):
+        for t in state.values():
+            t.fill_(step)
+        ck.save(step, state, extra={"step": step})
+        ck.wait()
+        print(step, flush=True)
+    """
+)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kill_during_save_leaves_whole_checkpoints(tmp_path: Path, seed: int) -> None:
+    rng = random.Random(seed)
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=os.environ
+    )
+    try:
+        assert child.stdout is not None
+        published = int(child.stdout.readline())  # the first checkpoint is on disk
+        time.sleep(rng.uniform(0.0, 0.4))  # then die somewhere in a later save
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.wait()
+        if child.stdout is not None:
+            child.stdout.close()
+    hidden_before = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+    ck = Checkpointer(tmp_path)  # a restarted job
+    latest = ck.latest()
+    assert latest is not None
+    assert latest >= published
+    assert len(ck.steps()) <= 3  # keep_last=2, plus at most one published just before rotation
+    for step in ck.steps():
+        state = ck.load(step)
+        assert sorted(state) == sorted(f"w{i}" for i in range(12))
+        assert all(torch.equal(t, torch.full((1 << 20,), float(step))) for t in state.values()), step
+        assert ck.extra(step) == {"step": step}
+    # The dead writer's temp directory (if the kill hit a write) was cleaned on restart.
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    assert all(name.startswith(".checkpoint-") for name in hidden_before), hidden_before
