@@ -253,13 +253,18 @@ def stage(layouts: Sequence[DeviceLayout], sources: Sources) -> dict[int, torch.
         host = STAGING.reserve(total, pin=bool(cuda))
         chunk = min(CHUNK, host.numel())
         ring = _Ring(host.numel() // chunk)
-        for layout in layouts:
-            memory = _fill(layout, sources, host, STAGING.buffer, chunk, ring)
-            out.update(views(layout, memory))
-        # Wait for every copy and conversion: the host buffer is free for the next load, and the weights
-        # can be used from any stream, as after PEFT's synchronous copies.
-        for device in dict.fromkeys(cuda):
-            torch.cuda.current_stream(device).synchronize()
+        try:
+            for layout in layouts:
+                memory = _fill(layout, sources, host, STAGING.buffer, chunk, ring)
+                out.update(views(layout, memory))
+            # Wait for every copy and conversion: the weights can be used from any stream, as after
+            # PEFT's synchronous copies.
+            for device in dict.fromkeys(cuda):
+                torch.cuda.current_stream(device).synchronize()
+        finally:
+            # Also after a failure (e.g. out of memory on the second device): copies still reading the
+            # host buffer must finish before the next load may refill it.
+            ring.drain()
     return out
 
 
@@ -278,6 +283,12 @@ class _Ring:
             event.synchronize()
             self.pending[slot] = None
         return slot
+
+    def drain(self) -> None:
+        for event in self.pending:
+            if event is not None:
+                event.synchronize()
+        self.pending = [None] * len(self.pending)
 
 
 def _fill(
