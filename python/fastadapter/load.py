@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from ._device_load import to_devices
     from ._inject import (
         Plan,
         Target,
@@ -47,7 +48,6 @@ if TYPE_CHECKING:
         wrap,
         wrap_modules_to_save,
     )
-    from ._device_load import to_devices
     from ._tensors import mapped_tensors
     from .layers import LoraLayer, ModulesToSave
 
