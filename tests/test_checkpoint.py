@@ -3,6 +3,7 @@ huggingface_hub's shard split + safetensors' save_file + transformers' from_pret
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 from pathlib import Path
@@ -302,3 +303,68 @@ def test_only_rank0_writes_shared_checkpoints_and_parts_complete_together(tmp_pa
     assert r0.steps() == r1.steps() == [2]
     part = Path(r0.path(2)) / "rank-00001-of-00002" / "model.safetensors"
     assert torch.equal(load_file(str(part))["part"], torch.full((2,), 1.0))
+
+
+# --- the packed (snapshot) path: strided tensors, CUDA ---------------------------------------------------
+
+
+def test_strided_and_bf16_tensors_snapshot_like_save_file(tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(1)
+    state = {
+        "t": torch.randn(6, 4, generator=g).t(),  # not contiguous: copied into place by torch
+        "b": torch.randn(5, 3, generator=g).to(torch.bfloat16),
+        "s": torch.randn(8, generator=g)[::2],
+        "e": torch.empty(0, 3),
+    }
+    with Checkpointer(tmp_path) as ck:
+        ck.save(1, state)
+    save_file(
+        {k: v.contiguous() for k, v in state.items()},
+        str(tmp_path / "o.safetensors"),
+        metadata={"format": "pt"},
+    )
+    assert (Path(ck.path(1)) / "model.safetensors").read_bytes() == (tmp_path / "o.safetensors").read_bytes()
+
+
+def test_save_through_the_packed_path_is_byte_identical(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The path CUDA saves take (pack into one reusable buffer, write from it), run on CPU."""
+    save_module = importlib.import_module("fastadapter.save")  # `fastadapter.save` is the function
+    monkeypatch.setattr(save_module, "SNAPSHOT_DEVICE_TYPES", frozenset({"cuda", "cpu"}))
+    monkeypatch.setattr(save_module, "_SNAPSHOT_BUFFER", None)
+    model = peft_model()
+    model.save_pretrained(str(tmp_path / "peft"))
+    fastadapter.save(model, tmp_path / "ours")
+    assert_same_files(tmp_path / "ours", tmp_path / "peft")
+    first = save_module._SNAPSHOT_BUFFER.reserve(1, pinned=False).data_ptr()
+    fastadapter.save(model, tmp_path / "ours")
+    assert save_module._SNAPSHOT_BUFFER.reserve(1, pinned=False).data_ptr() == first  # reused
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_checkpoint_equals_cpu_and_uses_a_pinned_reused_buffer(tmp_path: Path) -> None:
+    model = peft_model()
+    with Checkpointer(tmp_path / "cpu") as ck_cpu:
+        ck_cpu.save(1, model)
+    cuda_model = model.to("cuda:0")
+    ck = Checkpointer(tmp_path / "gpu", max_pending=1)
+    ck.save(1, cuda_model)
+    buffer = ck._pending[-1].buffer
+    ck.save(2, cuda_model)
+    ck.close()
+    assert buffer.pinned
+    assert len(ck._free) == 1
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (Path(ck.path(1)) / name).read_bytes() == (Path(ck_cpu.path(1)) / name).read_bytes()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_save_is_byte_identical_to_peft(tmp_path: Path) -> None:
+    model = peft_model().to("cuda:0")
+    model.save_pretrained(str(tmp_path / "peft"))
+    fastadapter.save(model, tmp_path / "ours")
+    assert_same_files(tmp_path / "ours", tmp_path / "peft")
+    assert importlib.import_module("fastadapter.save")._SNAPSHOT_BUFFER.pinned

@@ -55,7 +55,7 @@ def write_safetensors(
     metadata: dict[str, str] | None = None,
     fsync: bool = False,
 ) -> PendingFile: ...
-def stage_bytes(path: str | PathLike[str], data: bytes, fsync: bool = False) -> PendingFile: ...
+def stage_bytes(path: str | PathLike[str], data: Buffer, fsync: bool = False) -> PendingFile: ...
 def plan_header(
     tensors: Sequence[tuple[str, str, Sequence[int], int]],
     metadata: dict[str, str] | None = None,
@@ -85,3 +85,31 @@ def copy_ranges(
 ) -> int:
     """Copy (source index, source offset, destination offset, length) byte ranges into `dst`, in
     parallel with the GIL released; checked first (ValueError). Returns the bytes copied."""
+
+def gather(dest: Buffer, sources: Sequence[tuple[str, Buffer, int]]) -> None:
+    """Copy each (name, buffer, offset) source into the writable `dest` at `offset`, in parallel with the
+    GIL released; sources must fit and not overlap (TensorError naming the tensor otherwise)."""
+
+@final
+class CheckpointJob:
+    """A checkpoint being written by a background Rust thread."""
+
+    @property
+    def step(self) -> int: ...
+    def done(self) -> bool: ...
+    def wait(self) -> str: ...
+
+def publish_checkpoint(
+    root: str | PathLike[str],
+    step: int,
+    snapshot: Buffer,
+    files: Sequence[tuple[str, int, int]],
+    small: Sequence[tuple[str, bytes]],
+    fsync: bool = True,
+    parallel: bool = True,
+    keep_last: int | None = None,
+    part: str | None = None,
+) -> CheckpointJob: ...
+def checkpoint_steps(root: str | PathLike[str]) -> list[int]: ...
+def clean_stale_checkpoints(root: str | PathLike[str]) -> int: ...
+def rotate_checkpoints(root: str | PathLike[str], keep: int, protect: int) -> list[int]: ...

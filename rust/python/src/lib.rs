@@ -3,6 +3,7 @@
 //! It converts arguments and results and maps errors; file formats, validation and I/O live in the core.
 //! Every I/O region runs with the GIL released (`Python::detach`), touching no Python object.
 
+mod checkpoint;
 mod convert;
 mod errors;
 mod gather;
@@ -17,6 +18,12 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<reader::SafetensorsFile>()?;
     m.add_class::<writer::PendingFile>()?;
     m.add_class::<convert::Progress>()?;
+    m.add_class::<checkpoint::CheckpointJob>()?;
+    m.add_function(wrap_pyfunction!(checkpoint::gather, m)?)?;
+    m.add_function(wrap_pyfunction!(checkpoint::publish_checkpoint, m)?)?;
+    m.add_function(wrap_pyfunction!(checkpoint::checkpoint_steps, m)?)?;
+    m.add_function(wrap_pyfunction!(checkpoint::clean_stale_checkpoints, m)?)?;
+    m.add_function(wrap_pyfunction!(checkpoint::rotate_checkpoints, m)?)?;
     m.add_function(wrap_pyfunction!(reader::select_keys, m)?)?;
     m.add_function(wrap_pyfunction!(writer::write_safetensors, m)?)?;
     m.add_function(wrap_pyfunction!(writer::stage_bytes, m)?)?;

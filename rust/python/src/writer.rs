@@ -139,20 +139,35 @@ pub fn write_safetensors(
     Ok(PendingFile::wrap(pending))
 }
 
-/// Stage `data` as the new content of `path` (configs, model cards).
+/// Stage `data` (bytes, or any C-contiguous buffer, e.g. a range of a snapshot buffer) as the new
+/// content of `path`: configs, model cards, files packed from device tensors.
 #[pyfunction]
 #[pyo3(signature = (path, data, fsync=false))]
 pub fn stage_bytes(
     py: Python<'_>,
     path: PathBuf,
-    data: &Bound<'_, PyBytes>,
+    data: &Bound<'_, PyAny>,
     fsync: bool,
 ) -> PyResult<PendingFile> {
-    let bytes = data.as_bytes();
+    let buffer = PyUntypedBuffer::get(data)?;
+    if !buffer.is_c_contiguous() {
+        return Err(PyValueError::new_err("data must be a C-contiguous buffer"));
+    }
+    let (ptr, len) = (buffer.buf_ptr() as usize, buffer.len_bytes());
     let pending = finish(
         py,
-        py.detach(|| guarded(|| core_stage_bytes(&path, bytes, fsync))),
+        py.detach(|| {
+            guarded(|| {
+                let bytes: &[u8] = match len {
+                    0 => &[],
+                    // SAFETY: `buffer` (an export) pins the memory until this function returns.
+                    len => unsafe { std::slice::from_raw_parts(ptr as *const u8, len) },
+                };
+                core_stage_bytes(&path, bytes, fsync)
+            })
+        }),
     )?;
+    drop(buffer);
     Ok(PendingFile::wrap(pending))
 }
 
