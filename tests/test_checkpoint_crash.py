@@ -64,3 +64,35 @@ def test_kill_during_save_leaves_whole_checkpoints(tmp_path: Path, seed: int) ->
     # The dead writer's temp directory (if the kill hit a write) was cleaned on restart.
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     assert all(name.startswith(".checkpoint-") for name in hidden_before), hidden_before
+
+
+FULL_DISK_CHILD = textwrap.dedent(
+    """
+    import errno, resource, signal, sys, torch
+    from fastadapter import Checkpointer
+    ck = Checkpointer(sys.argv[1], keep_last=1)
+    ck.save(1, {"w": torch.ones(1024)})  # 4 KB: fits
+    ck.wait()
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of being killed
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+    ck.save(2, {"w": torch.ones(1 << 20)})  # 4 MB: the write fails in the background thread
+    try:
+        ck.wait()
+    except OSError as e:
+        print(e.errno == errno.EFBIG, e.filename)
+    else:
+        print("no error")
+    """
+)
+
+
+def test_file_too_large_fails_cleanly_and_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", FULL_DISK_CHILD, str(tmp_path)], capture_output=True, text=True, check=True
+    ).stdout.split()
+    assert out[0] == "True", out
+    assert "model.safetensors" in out[1]  # the error names the file
+    ck = Checkpointer(tmp_path)
+    assert ck.steps() == [1]  # no partial checkpoint 2, and keep_last=1 deleted nothing
+    assert torch.equal(ck.load(1)["w"], torch.ones(1024))
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-1"]
