@@ -96,3 +96,17 @@ def test_file_too_large_fails_cleanly_and_keeps_the_previous_checkpoint(tmp_path
     assert ck.steps() == [1]  # no partial checkpoint 2, and keep_last=1 deleted nothing
     assert torch.equal(ck.load(1)["w"], torch.ones(1024))
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-1"]
+
+
+def test_pending_save_is_finished_at_interpreter_exit(tmp_path: Path) -> None:
+    """A script that never calls wait()/close(): its last checkpoint is still written (the writer
+    thread would otherwise die with the interpreter)."""
+    code = (
+        "import sys, torch\nfrom fastadapter import Checkpointer\n"
+        "ck = Checkpointer(sys.argv[1], fsync=False)\n"
+        "ck.save(3, {'w': torch.full((1 << 22,), 3.0)})\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True)
+    ck = Checkpointer(tmp_path)
+    assert ck.steps() == [3]
+    assert torch.equal(ck.load(3)["w"], torch.full((1 << 22,), 3.0))

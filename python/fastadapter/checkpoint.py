@@ -27,6 +27,8 @@ import collections
 import json
 import os
 import re
+import warnings
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
@@ -100,6 +102,9 @@ class Checkpointer:
         self._pending: collections.deque[_Pending] = collections.deque()
         self._failure: BaseException | None = None
         self._closed = False
+        # A job's thread would die with the interpreter: finish pending saves at exit (or when this
+        # object is collected) even if nobody called close().
+        weakref.finalize(self, _drain, self._pending)
         if os.path.isfile(self.root):
             raise NotADirectoryError(f"checkpoint root {self.root!r} is a file")
         if os.path.isdir(self.root):
@@ -385,6 +390,15 @@ def shard(
         "weight_map": {key: file for file, s in named for key in s},
     }
     return named, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _drain(pending: collections.deque[_Pending]) -> None:
+    while pending:
+        job = pending.popleft().job
+        try:
+            job.wait()
+        except Exception as e:  # nobody is left to raise it to: say it
+            warnings.warn(f"fastadapter: checkpoint {job.step} failed: {e}", RuntimeWarning, stacklevel=1)
 
 
 def _rank_info(rank: int | None, world_size: int | None) -> tuple[int, int]:
