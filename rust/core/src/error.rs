@@ -24,6 +24,9 @@ pub enum Error {
         #[source]
         source: SafeTensorError,
     },
+    /// A safetensors header the `safetensors` crate accepts but we refuse (e.g. a key listed twice).
+    #[error("{path}: invalid safetensors file: {reason}", path = .path.display())]
+    Header { path: PathBuf, reason: String },
     /// A tensor handed to the writer, or selected from a file, is inconsistent.
     #[error("tensor `{name}`: {reason}")]
     Tensor { name: String, reason: String },

@@ -79,6 +79,14 @@ impl SafetensorsFile {
             source,
         })?;
         let header_len = 8 + n;
+        if let Some(key) = first_duplicate_key(&map[8..header_len]) {
+            return Err(Error::Header {
+                path: path.to_path_buf(),
+                reason: format!(
+                    "key `{key}` appears twice in the header (JSON readers disagree on which one counts)"
+                ),
+            });
+        }
         let entries = metadata
             .offset_keys()
             .into_iter()
@@ -151,6 +159,35 @@ impl SafetensorsFile {
         let e = self.entry(name)?;
         Ok(&self.map[e.start..e.end])
     }
+}
+
+/// The first top-level key of the header JSON that appears twice. serde_json (and so the `safetensors`
+/// crate) silently keeps the last one; another reader may keep the first, so one file could show two
+/// different tensors to two tools (e.g. a scanner and a loader). Run on headers already validated.
+fn first_duplicate_key(header: &[u8]) -> Option<String> {
+    use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
+
+    struct Keys;
+    impl<'de> Visitor<'de> for Keys {
+        type Value = Option<String>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a JSON object")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            let mut seen = std::collections::HashSet::new();
+            while let Some(key) = map.next_key::<String>()? {
+                map.next_value::<IgnoredAny>()?;
+                if !seen.insert(key.clone()) {
+                    return Ok(Some(key));
+                }
+            }
+            Ok(None)
+        }
+    }
+    serde_json::Deserializer::from_slice(header)
+        .deserialize_map(Keys)
+        .ok()
+        .flatten()
 }
 
 #[cfg(test)]
@@ -259,6 +296,26 @@ mod tests {
         // JSON objects keep the last duplicate, which leaves the first tensor's bytes uncovered.
         let dup = r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#;
         assert!(open_err(dup, 8).contains("invalid offset"));
+    }
+
+    #[test]
+    fn refuses_keys_listed_twice_even_when_identical() {
+        let entry = r#"{"dtype":"F32","shape":[1],"data_offsets":[0,4]}"#;
+        let dup = format!(r#"{{"a":{entry},"a":{entry}}}"#);
+        let f = raw_file(&dup, 4);
+        let err = SafetensorsFile::open(f.path()).unwrap_err();
+        assert!(matches!(err, Error::Header { .. }), "{err:?}");
+        let msg = err.to_string();
+        assert!(msg.contains("key `a` appears twice"), "{msg}");
+        assert!(msg.contains(&f.path().display().to_string()), "{msg}");
+        let meta = format!(r#"{{"__metadata__":{{}},"a":{entry},"__metadata__":{{"x":"y"}}}}"#);
+        let f = raw_file(&meta, 4);
+        let msg = SafetensorsFile::open(f.path()).unwrap_err().to_string();
+        assert!(msg.contains("duplicate field `__metadata__`"), "{msg}"); // the crate's own rule
+                                                                          // Same names one level down are not duplicates.
+        let nested =
+            format!(r#"{{"a":{entry},"b":{{"dtype":"F32","shape":[0],"data_offsets":[4,4]}}}}"#);
+        assert!(SafetensorsFile::open(raw_file(&nested, 4).path()).is_ok());
     }
 
     #[test]

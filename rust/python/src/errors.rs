@@ -39,7 +39,9 @@ pub fn to_py(py: Python<'_>, err: Error) -> PyErr {
                 None => PyOSError::new_err(format!("{filename}: {source}")),
             }
         }
-        e @ Error::Format { .. } => fastadapter_error(py, "HeaderError", e.to_string()),
+        e @ (Error::Format { .. } | Error::Header { .. }) => {
+            fastadapter_error(py, "HeaderError", e.to_string())
+        }
         e @ (Error::Tensor { .. } | Error::DuplicateName(_)) => {
             fastadapter_error(py, "TensorError", e.to_string())
         }
