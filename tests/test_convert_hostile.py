@@ -740,6 +740,12 @@ RESOURCE: dict[str, tuple[Callable[[Path], Any], str | None, str]] = {
         "TensorError",
         r"tensor `w`: shape \[4611686018427387904, 4611686018427387904\] overflows",
     ),
+    "expand_bomb": (
+        # A real torch.save of one float expanded (stride 0) to 2^40 elements: gathering it used to abort.
+        lambda p: torch.save({"w": torch.ones(1).expand(1 << 40)}, p),
+        "TensorError",
+        r"tensor `w`: non-contiguous views would need 4398046511104 bytes in memory",
+    ),
     "huge_zip_entry_size": (
         lambda p: with_storage_entry_size(small_checkpoint(p.with_name("archive.bin")), p, 0xFFFFFFF0),
         "CheckpointError",
