@@ -86,10 +86,6 @@ def copy_ranges(
     """Copy (source index, source offset, destination offset, length) byte ranges into `dst`, in
     parallel with the GIL released; checked first (ValueError). Returns the bytes copied."""
 
-def gather(dest: Buffer, sources: Sequence[tuple[str, Buffer, int]]) -> None:
-    """Copy each (name, buffer, offset) source into the writable `dest` at `offset`, in parallel with the
-    GIL released; sources must fit and not overlap (TensorError naming the tensor otherwise)."""
-
 @final
 class CheckpointJob:
     """A checkpoint being written by a background Rust thread."""

@@ -83,10 +83,12 @@ def take(
         offset += -(-total // _FILE_ALIGN) * _FILE_ALIGN
     view = buffer.reserve(offset, pinned=cuda)
     images: list[FileImage] = []
-    host: list[tuple[str, Buffer, int]] = []
+    sources: list[Buffer] = []
+    ranges: list[tuple[int, int, int, int]] = []
     device: list[tuple[torch.Tensor, torch.Tensor]] = []
     for name, tensors, header, offsets, base, total in plans:
-        host.append((name, header, base))
+        sources.append(header)
+        ranges.append((len(sources) - 1, 0, base, len(header)))
         for (key, t), at in zip(tensors.items(), offsets, strict=True):
             nbytes = t.numel() * t.element_size()
             if nbytes == 0:
@@ -95,14 +97,15 @@ def take(
             src = t.detach()
             if src.device.type == "cpu" and src.is_contiguous():
                 # numpy has no bfloat16/float8: a uint8 view of the same memory carries every dtype.
-                host.append((key, src.reshape(-1).view(torch.uint8).numpy().data, start))
+                sources.append(src.reshape(-1).view(torch.uint8).numpy().data)
+                ranges.append((len(sources) - 1, 0, start, nbytes))
             else:
                 # CUDA, or strided CPU tensors: torch copies them straight into place, no temporary.
                 dst = view[start : start + nbytes].view(src.dtype).view(src.shape)
                 device.append((dst, src))
         images.append(FileImage(name, base, base + total))
     _copy_device(device)
-    _core.gather(view.numpy().data, host)
+    _core.copy_ranges(view.numpy().data, sources, ranges)
     return view, images
 
 

@@ -35,11 +35,14 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from . import _core
-from ._snapshot import SnapshotBuffer, take
 
+# torch (and so _snapshot) is imported when a Checkpointer is made, not here: `import fastadapter`
+# must stay torch-free for the conversion API and CLI.
 if TYPE_CHECKING:
     import torch
     from torch import nn
+
+    from ._snapshot import SnapshotBuffer
 
 __all__ = ["Checkpointer"]
 
@@ -98,6 +101,8 @@ class Checkpointer:
         self.rank, self.world_size = _rank_info(rank, world_size)
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is not in 0..{self.world_size - 1}")
+        from ._snapshot import SnapshotBuffer
+
         self._free = [SnapshotBuffer() for _ in range(max_pending)]
         self._pending: collections.deque[_Pending] = collections.deque()
         self._failure: BaseException | None = None
@@ -142,6 +147,8 @@ class Checkpointer:
             if name in {n for n, *_ in big} or name in {n for n, _ in small}:
                 raise ValueError(f"extra file {name!r} clashes with a checkpoint file")
             small.append((name, bytes(data)))
+        from ._snapshot import take
+
         buffer = self._acquire()
         try:
             view, images = take(buffer, big)

@@ -1,7 +1,7 @@
-//! Copying many source buffers into one destination (a checkpoint snapshot: tensors laid out in the
-//! destination exactly as in the files to be written), in parallel. This is the only copy a snapshot
-//! makes, and it is what the training loop waits for, so it runs on every core: one memcpy thread is
-//! well below what the memory bus can take.
+//! Copying many source buffers into one destination, in parallel: a checkpoint snapshot (tensors laid
+//! out exactly as in the files to be written) or a device load's pinned staging buffer. It is the only
+//! host copy either makes, and the caller waits for it, so it runs on every core: one memcpy thread is
+//! below what the memory bus can take.
 
 use rayon::prelude::*;
 
@@ -58,9 +58,9 @@ fn check(len: usize, pieces: &[Piece<'_>]) -> Result<()> {
             return Err(Error::tensor(
                 p.name,
                 format!(
-                    "{} bytes at offset {} do not fit a {len}-byte snapshot buffer",
-                    p.data.len(),
-                    p.offset
+                    "bytes {}+{} are outside the destination ({len} bytes)",
+                    p.offset,
+                    p.data.len()
                 ),
             ));
         };
@@ -73,7 +73,7 @@ fn check(len: usize, pieces: &[Piece<'_>]) -> Result<()> {
         if w[1].0 < w[0].1 {
             return Err(Error::tensor(
                 w[1].2,
-                format!("overlaps `{}` in the snapshot buffer", w[0].2),
+                format!("overlaps `{}` in the destination", w[0].2),
             ));
         }
     }

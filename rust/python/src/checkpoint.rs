@@ -1,5 +1,4 @@
-//! Checkpoints: `gather` fills a snapshot buffer from tensor buffers (parallel, GIL released), and
-//! `publish_checkpoint` writes the snapshot's files and publishes the directory on a Rust thread of
+//! Checkpoints: `publish_checkpoint` writes the snapshot's files and publishes the directory on a Rust thread of
 //! its own, so the caller (a training loop) gets control back at once. The job keeps the snapshot's
 //! buffer export alive until the thread is done with it.
 
@@ -7,73 +6,12 @@ use std::path::PathBuf;
 use std::thread::JoinHandle;
 
 use fastadapter_core::checkpoint::{self, CheckpointFile, PublishOptions};
-use fastadapter_core::snapshot::{self, Piece};
 use fastadapter_core::Error;
 use pyo3::buffer::PyUntypedBuffer;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 
 use crate::errors::{finish, guarded, to_py};
-
-/// Copy each `(name, buffer, offset)` source into `dest` at `offset`. `dest` must be a writable
-/// C-contiguous buffer; sources must fit and must not overlap each other.
-#[pyfunction]
-pub fn gather(
-    py: Python<'_>,
-    dest: &Bound<'_, PyAny>,
-    sources: Vec<(String, Bound<'_, PyAny>, usize)>,
-) -> PyResult<()> {
-    let out = PyUntypedBuffer::get(dest)?;
-    if out.readonly() || !out.is_c_contiguous() {
-        return Err(PyValueError::new_err(
-            "snapshot buffer must be writable and C-contiguous",
-        ));
-    }
-    let mut held = Vec::with_capacity(sources.len());
-    for (name, obj, offset) in &sources {
-        let b = PyUntypedBuffer::get(obj)?;
-        if !b.is_c_contiguous() {
-            return Err(PyValueError::new_err(format!(
-                "tensor `{name}`: buffer is not C-contiguous"
-            )));
-        }
-        held.push((name.as_str(), b, *offset));
-    }
-    let pieces: Vec<Piece<'_>> = held
-        .iter()
-        .map(|(name, b, offset)| Piece {
-            name,
-            offset: *offset,
-            data: slice(b),
-        })
-        .collect();
-    let (ptr, len) = (out.buf_ptr() as usize, out.len_bytes());
-    finish(
-        py,
-        py.detach(|| {
-            guarded(|| {
-                let dest: &mut [u8] = match len {
-                    0 => &mut [],
-                    // SAFETY: `out` is a writable export held until this function returns; sources are
-                    // other exports, and `gather` checks the pieces stay inside `dest`. A source that
-                    // aliases `dest` itself would be a caller bug; Python passes tensors, never the
-                    // snapshot buffer.
-                    len => unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) },
-                };
-                snapshot::gather(dest, &pieces)
-            })
-        }),
-    )
-}
-
-fn slice(b: &PyUntypedBuffer) -> &[u8] {
-    match b.len_bytes() {
-        // An empty export may carry a null pointer, which a slice must never hold.
-        0 => &[],
-        // SAFETY: the export `b` pins the memory for as long as the returned borrow of `b` lives.
-        len => unsafe { std::slice::from_raw_parts(b.buf_ptr() as *const u8, len) },
-    }
-}
 
 /// A checkpoint being written by a background thread. `wait()` joins it (GIL released) and returns
 /// the published directory or raises what went wrong; dropping an unfinished job joins it first, so

@@ -1,67 +1,36 @@
 //! `copy_ranges`: copy byte ranges of source buffers (a file's mapping, CPU tensors) into one destination
-//! buffer (the pinned staging buffer of a device load), in parallel, with the GIL released.
-//!
-//! This is the only host-side copy a load to a GPU makes: the bytes must sit in page-locked memory for the
-//! DMA engine, and reading them out of the page cache with one thread is far below the copy engine's
-//! bandwidth. Every range is checked against its buffers before any byte moves, so a bad plan is a
-//! `ValueError`, never an out-of-bounds write.
+//! buffer, in parallel, with the GIL released: the pinned staging buffer of a device load, or a
+//! checkpoint snapshot. The copying (and the destination checks) is the core's `snapshot::gather`;
+//! this layer turns buffers into slices and refuses what only raw pointers can show (a source
+//! aliasing the destination). A bad plan is a `ValueError`, never an out-of-bounds write.
 
+use fastadapter_core::snapshot::{gather, Piece};
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use rayon::prelude::*;
 
 use crate::errors::{finish, guarded};
 
-/// Work unit: a large tensor is split so that it still spreads over every thread.
-const PIECE: usize = 1 << 20;
-/// Below this, handing work to other threads costs more than it saves.
-const PARALLEL_MIN_BYTES: usize = 8 << 20;
-
 /// (source index, source offset, destination offset, length), all in bytes.
 type Range = (usize, usize, usize, usize);
-
-fn check(dst_len: usize, src_lens: &[usize], ranges: &[Range]) -> Result<(), String> {
-    let mut written: Vec<(usize, usize)> = Vec::with_capacity(ranges.len());
-    for (k, &(src, src_off, dst_off, len)) in ranges.iter().enumerate() {
-        let Some(&src_len) = src_lens.get(src) else {
-            return Err(format!(
-                "range {k}: source {src} does not exist ({} sources)",
-                src_lens.len()
-            ));
-        };
-        if src_off.checked_add(len).is_none_or(|end| end > src_len) {
-            return Err(format!(
-                "range {k}: bytes {src_off}+{len} are outside source {src} ({src_len} bytes)"
-            ));
-        }
-        if dst_off.checked_add(len).is_none_or(|end| end > dst_len) {
-            return Err(format!(
-                "range {k}: bytes {dst_off}+{len} are outside the destination ({dst_len} bytes)"
-            ));
-        }
-        if len > 0 {
-            written.push((dst_off, dst_off + len));
-        }
-    }
-    // Disjoint destinations are what makes the parallel writes race-free.
-    written.sort_unstable();
-    if let Some(w) = written.windows(2).find(|w| w[1].0 < w[0].1) {
-        return Err(format!(
-            "destination ranges {:?} and {:?} overlap",
-            w[0], w[1]
-        ));
-    }
-    Ok(())
-}
 
 fn overlaps(a: (usize, usize), b: (usize, usize)) -> bool {
     a.0 < b.0 + b.1 && b.0 < a.0 + a.1
 }
 
+fn bytes_of(b: &PyBuffer<u8>) -> &[u8] {
+    match b.len_bytes() {
+        // An empty export may carry a null pointer, which a slice must never hold.
+        0 => &[],
+        // SAFETY: the export `b` pins the memory for as long as the returned borrow of `b` lives.
+        len => unsafe { std::slice::from_raw_parts(b.buf_ptr() as *const u8, len) },
+    }
+}
+
 /// Copy `ranges` (source index, source offset, destination offset, length) from `sources` into `dst`.
 /// `dst` must be a writable C-contiguous byte buffer, each source a C-contiguous byte buffer, no
-/// destination ranges may overlap, and no source may share memory with `dst`. Returns the bytes copied.
+/// destination ranges may overlap, and no source may share memory with `dst`. Everything is checked
+/// before any byte moves (ValueError). Returns the bytes copied.
 #[pyfunction]
 pub fn copy_ranges(
     py: Python<'_>,
@@ -76,71 +45,52 @@ pub fn copy_ranges(
         return Err(PyValueError::new_err("buffers must be C-contiguous"));
     }
     let dst_span = (dst.buf_ptr() as usize, dst.len_bytes());
-    let spans: Vec<(usize, usize)> = sources
+    // A source aliasing the destination would make the `&mut` below overlap a `&`: refuse it here,
+    // where the raw pointers are.
+    if let Some(i) = sources
         .iter()
-        .map(|s| (s.buf_ptr() as usize, s.len_bytes()))
-        .collect();
-    if let Some(i) = spans.iter().position(|&s| overlaps(s, dst_span)) {
+        .position(|s| overlaps((s.buf_ptr() as usize, s.len_bytes()), dst_span))
+    {
         return Err(PyValueError::new_err(format!(
             "source {i} shares memory with the destination"
         )));
     }
-    let lens: Vec<usize> = spans.iter().map(|s| s.1).collect();
-    check(dst_span.1, &lens, &ranges).map_err(PyValueError::new_err)?;
-
-    // Addresses as integers: raw pointers are not Send. Every job is in bounds and the destination
-    // pieces are disjoint (checked above).
-    let jobs: Vec<(usize, usize, usize)> = ranges
-        .iter()
-        .flat_map(|&(src, src_off, dst_off, len)| {
-            let from = spans[src].0 + src_off;
-            let to = dst_span.0 + dst_off;
-            (0..len)
-                .step_by(PIECE)
-                .map(move |k| (from + k, to + k, PIECE.min(len - k)))
-        })
-        .collect();
-    let total: usize = ranges.iter().map(|r| r.3).sum();
-    let copy = |&(from, to, len): &(usize, usize, usize)| {
-        // SAFETY: `check` proved both ranges lie inside their buffers, which `dst` and `sources` keep
-        // exported (and so alive and unmoved) until this function returns; destination pieces are
-        // disjoint from each other and from every source.
-        unsafe { std::ptr::copy_nonoverlapping(from as *const u8, to as *mut u8, len) }
-    };
+    let names: Vec<String> = (0..ranges.len()).map(|k| format!("range {k}")).collect();
+    let mut pieces = Vec::with_capacity(ranges.len());
+    for (k, &(src, src_off, dst_off, len)) in ranges.iter().enumerate() {
+        let Some(source) = sources.get(src) else {
+            return Err(PyValueError::new_err(format!(
+                "range {k}: source {src} does not exist ({} sources)",
+                sources.len()
+            )));
+        };
+        let whole = bytes_of(source);
+        let Some(data) = src_off
+            .checked_add(len)
+            .and_then(|end| whole.get(src_off..end))
+        else {
+            return Err(PyValueError::new_err(format!(
+                "range {k}: bytes {src_off}+{len} are outside source {src} ({} bytes)",
+                whole.len()
+            )));
+        };
+        pieces.push(Piece {
+            name: &names[k],
+            offset: dst_off,
+            data,
+        });
+    }
+    let total: usize = pieces.iter().map(|p| p.data.len()).sum();
     let outcome = py.detach(|| {
         guarded(|| {
-            if total < PARALLEL_MIN_BYTES {
-                jobs.iter().for_each(copy);
-            } else {
-                jobs.par_iter().for_each(copy);
-            }
-            Ok(total)
+            let dest: &mut [u8] = match dst_span.1 {
+                0 => &mut [],
+                // SAFETY: `dst` is a writable export held until this function returns, and no source
+                // shares memory with it (checked above).
+                len => unsafe { std::slice::from_raw_parts_mut(dst_span.0 as *mut u8, len) },
+            };
+            gather(dest, &pieces).map(|()| total)
         })
     });
     finish(py, outcome)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::check;
-
-    #[test]
-    fn accepts_disjoint_ranges_and_refuses_the_rest() {
-        assert!(check(16, &[8], &[(0, 0, 0, 8), (0, 0, 8, 8)]).is_ok());
-        assert!(check(16, &[8], &[(0, 0, 0, 8), (0, 0, 7, 8)])
-            .unwrap_err()
-            .contains("overlap"));
-        assert!(check(16, &[8], &[(1, 0, 0, 1)])
-            .unwrap_err()
-            .contains("does not exist"));
-        assert!(check(16, &[8], &[(0, 4, 0, 5)])
-            .unwrap_err()
-            .contains("outside source"));
-        assert!(check(16, &[8], &[(0, 0, 12, 5)])
-            .unwrap_err()
-            .contains("outside the destination"));
-        assert!(check(16, &[8], &[(0, usize::MAX, 0, 2)]).is_err());
-        // Empty ranges anywhere inside the buffers are fine and never count as overlapping.
-        assert!(check(16, &[8], &[(0, 0, 4, 0), (0, 0, 0, 8)]).is_ok());
-    }
 }

@@ -19,7 +19,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<writer::PendingFile>()?;
     m.add_class::<convert::Progress>()?;
     m.add_class::<checkpoint::CheckpointJob>()?;
-    m.add_function(wrap_pyfunction!(checkpoint::gather, m)?)?;
     m.add_function(wrap_pyfunction!(checkpoint::publish_checkpoint, m)?)?;
     m.add_function(wrap_pyfunction!(checkpoint::checkpoint_steps, m)?)?;
     m.add_function(wrap_pyfunction!(checkpoint::clean_stale_checkpoints, m)?)?;
