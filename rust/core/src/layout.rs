@@ -103,9 +103,15 @@ pub fn plan(tensors: &[TensorMeta], metadata: Option<HashMap<String, String>>) -
         offset = end;
     }
 
-    let meta =
-        Metadata::new(metadata, infos).map_err(|e| Error::tensor("<header>", e.to_string()))?;
-    let json = serde_json::to_vec(&meta).map_err(|e| Error::tensor("<header>", e.to_string()))?;
+    let json = if infos.is_empty() && metadata.as_ref().is_some_and(|m| m.is_empty()) {
+        // safetensors 0.8 serialises this one case as `{},"__metadata__":{}}`, which no reader (its own
+        // included) accepts. Byte identity is not worth an unreadable file: write what it meant.
+        br#"{"__metadata__":{}}"#.to_vec()
+    } else {
+        let meta =
+            Metadata::new(metadata, infos).map_err(|e| Error::tensor("<header>", e.to_string()))?;
+        serde_json::to_vec(&meta).map_err(|e| Error::tensor("<header>", e.to_string()))?
+    };
     let padded = json.len().next_multiple_of(N_LEN);
     if padded > MAX_HEADER_SIZE {
         return Err(Error::tensor(
@@ -132,6 +138,15 @@ pub fn plan(tensors: &[TensorMeta], metadata: Option<HashMap<String, String>>) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn no_tensors_and_empty_metadata_is_a_readable_file() {
+        use safetensors::SafeTensors;
+        let layout = plan(&[], Some(HashMap::new())).unwrap();
+        let (n, meta) = SafeTensors::read_metadata(&layout.header).unwrap();
+        assert_eq!(n + 8, layout.header.len());
+        assert_eq!(meta.metadata().as_ref().map(|m| m.len()), Some(0));
+    }
 
     fn meta(name: &str, dtype: Dtype, shape: &[usize]) -> TensorMeta {
         let nbytes = expected_nbytes(dtype, shape).unwrap();
