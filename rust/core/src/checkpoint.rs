@@ -88,18 +88,9 @@ pub fn publish(
 /// directories whose name is not `checkpoint-<digits>` are ignored; a step split into rank parts
 /// counts once all of its parts are published.
 pub fn steps(root: &Path) -> Result<Vec<u64>> {
-    let entries = match fs::read_dir(root) {
-        Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
-        Err(e) => return Err(Error::io(root, e)),
-    };
     let mut out = Vec::new();
-    for entry in entries {
-        let entry = entry.at(root)?;
-        let Some(step) = parse_step(&entry.file_name().to_string_lossy()) else {
-            continue;
-        };
-        if entry.file_type().at(&entry.path())?.is_dir() && is_complete(&entry.path())? {
+    for step in step_dirs(root)? {
+        if is_complete(&step_dir(root, step))? {
             out.push(step);
         }
     }
@@ -132,7 +123,7 @@ pub fn rotate(root: &Path, keep: usize, protect: u64) -> Result<Vec<u64>> {
 /// it may still be writing them. Returns how many were removed.
 pub fn clean_stale(root: &Path) -> Result<usize> {
     let mut removed = remove_stale_in(root)?;
-    for step in steps_any(root)? {
+    for step in step_dirs(root)? {
         removed += remove_stale_in(&step_dir(root, step))?;
     }
     Ok(removed)
@@ -164,7 +155,7 @@ fn remove_stale_in(dir: &Path) -> Result<usize> {
 }
 
 /// Every `checkpoint-<digits>` directory, complete or not (a file of that name is not one).
-fn steps_any(root: &Path) -> Result<Vec<u64>> {
+fn step_dirs(root: &Path) -> Result<Vec<u64>> {
     let entries = match fs::read_dir(root) {
         Ok(e) => e,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
