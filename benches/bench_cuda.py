@@ -21,8 +21,7 @@ Target: fastadapter at least 20x faster than `peft`.
 - `torch_pageable_h2d`: one 1 GB copy from pageable memory;
 - `torch_pinned_h2d`: one 1 GB copy from page-locked memory into a preallocated device tensor: the ceiling.
 
-The save side (device-to-host staging vs torch's pinned D2H bandwidth) belongs with the checkpoint
-benchmarks.
+The save side (device-to-host staging vs torch's pinned D2H bandwidth) is in bench_cuda_save.py.
 """
 
 from __future__ import annotations
@@ -207,6 +206,4 @@ def test_h2d(benchmark: Any, big_adapter: BigAdapter, contender: str) -> None:
         assert torch.equal(r.out[-1].cpu(), r.tensors[-1])
 
 
-# Save side (device-to-host staging, for the checkpoint engine): `d2h 1GB` with the snapshot's pinned
-# staging as `fastadapter` and `torch_pinned_d2h` as the ceiling belongs in the checkpoint benchmarks; the
-# issue's target there is staging at >= 80% of torch's pinned D2H bandwidth on the same machine.
+# Save side: bench_cuda_save.py (save of a 1 GB CUDA adapter, device-to-host staging vs torch's pinned D2H).

@@ -18,8 +18,20 @@ from typing import Any
 OURS = "fastadapter"
 # The ceilings: raw_write and the same write into preallocated extents (ext4 then skips a synchronous
 # flush) for saves; floor (map the file, read every tensor once) for loads; cp of the source bytes for
-# conversions; one copy from page-locked memory for host-to-device transfers (bench_cuda).
-CEILINGS = ("raw_write", "raw_write_fallocate", "floor", "cp", "torch_pinned_h2d")
+# conversions; one copy from/to page-locked memory for host-device transfers (bench_cuda*); for
+# checkpoints, one memcpy of the saved bytes (the least an async save can stall), torch's copy of them,
+# and plain writes of the same bytes into the page cache.
+CEILINGS = (
+    "raw_write",
+    "raw_write_fallocate",
+    "floor",
+    "cp",
+    "torch_pinned_h2d",
+    "torch_pinned_d2h",
+    "memcpy",
+    "torch_copy",
+    "page_cache_write",
+)
 ORDER = (
     "fastadapter",
     "fastadapter_noverify",
@@ -40,6 +52,12 @@ ORDER = (
     "per_tensor_to",
     "torch_pageable_h2d",
     "torch_pinned_h2d",
+    "per_tensor_cpu",
+    "torch_pageable_d2h",
+    "torch_pinned_d2h",
+    "memcpy",
+    "torch_copy",
+    "page_cache_write",
 )
 
 
