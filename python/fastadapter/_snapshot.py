@@ -89,7 +89,7 @@ def take(
     for name, tensors, header, offsets, base, total in plans:
         sources.append(header)
         ranges.append((len(sources) - 1, 0, base, len(header)))
-        for (key, t), at in zip(tensors.items(), offsets, strict=True):
+        for t, at in zip(tensors.values(), offsets, strict=True):
             nbytes = t.numel() * t.element_size()
             if nbytes == 0:
                 continue
