@@ -31,7 +31,7 @@ for target in "${targets[@]}"; do
     if cargo +nightly fuzz run --fuzz-dir rust/fuzz --debug-assertions "$target" \
         "rust/fuzz/corpus/$target" "rust/fuzz/seeds/$target" -- \
         -max_total_time="$seconds" -timeout=10 -rss_limit_mb=2048 -print_final_stats=1 >"$log" 2>&1; then
-        runs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' || echo '?')
+        runs=$(grep -ao 'stat::number_of_executed_units: *[0-9]*' "$log" | tail -1 | grep -o '[0-9]*$' || echo '?')
         echo "fuzz-smoke $target: ${seconds}s, $runs executions, no crash"
     else
         echo "fuzz-smoke $target: FAILED (see $log and rust/fuzz/artifacts/$target/)"
