@@ -133,7 +133,7 @@ class Checkpointer:
         stored in fastadapter_checkpoint.json. `files`: more small files to put in the checkpoint
         (e.g. `trainer_state.json`), relative name → bytes."""
         self._check_open()
-        self._reap(block=False)
+        self._reap()
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise ValueError(f"step must be a non-negative int, not {step!r}")
         if self.rank != 0 and not per_rank:
@@ -143,8 +143,9 @@ class Checkpointer:
             meta["extra"] = dict(extra)
         big, small = self._plan(step, model_or_state_dict, meta, per_rank)
         small.append((META_NAME, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()))
+        taken = {name for name, *_ in big} | {name for name, _ in small}
         for name, data in (files or {}).items():
-            if name in {n for n, *_ in big} or name in {n for n, _ in small}:
+            if name in taken:
                 raise ValueError(f"extra file {name!r} clashes with a checkpoint file")
             small.append((name, bytes(data)))
         from ._snapshot import take
@@ -256,8 +257,9 @@ class Checkpointer:
         finally:
             self._free.append(pending.buffer)
 
-    def _reap(self, block: bool) -> None:
-        while self._pending and (block or self._pending[0].job.done()):
+    def _reap(self) -> None:
+        """Collect the saves that have finished, without blocking; raise a failure among them."""
+        while self._pending and self._pending[0].job.done():
             self._finish(self._pending.popleft())
         self._raise_failure()
 
@@ -274,7 +276,7 @@ class Checkpointer:
 
     def steps(self) -> list[int]:
         """Steps of the complete checkpoints on disk, ascending."""
-        self._reap(block=False)
+        self._reap()
         return list(_core.checkpoint_steps(self.root))
 
     def latest(self) -> int | None:

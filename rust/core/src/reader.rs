@@ -58,12 +58,7 @@ impl SafetensorsFile {
     /// Validate an in-memory copy of a file (fuzzing, tests); `path` only names it in errors.
     pub fn from_bytes(path: impl AsRef<Path>, bytes: &[u8]) -> Result<Self> {
         let path = path.as_ref();
-        // An anonymous mapping cannot be empty; the 8-byte prefix is the first thing checked anyway.
-        let mut map = MmapOptions::new()
-            .len(bytes.len().max(1))
-            .map_anon()
-            .at(path)?;
-        map[..bytes.len()].copy_from_slice(bytes);
+        let map = anonymous_copy(path, bytes)?;
         if bytes.len() < 8 {
             return Err(Error::Format {
                 path: path.to_path_buf(),
@@ -188,6 +183,18 @@ fn first_duplicate_key(header: &[u8]) -> Option<String> {
         .deserialize_map(Keys)
         .ok()
         .flatten()
+}
+
+/// `bytes` copied into an anonymous mapping, so that in-memory input (fuzzing, tests) goes through the
+/// same mapping-based readers as files. An anonymous mapping cannot be empty: one spare byte is mapped
+/// and callers look only at `bytes.len()` of it. `path` only names the input in errors.
+pub(crate) fn anonymous_copy(path: &Path, bytes: &[u8]) -> Result<MmapMut> {
+    let mut map = MmapOptions::new()
+        .len(bytes.len().max(1))
+        .map_anon()
+        .at(path)?;
+    map[..bytes.len()].copy_from_slice(bytes);
+    Ok(map)
 }
 
 #[cfg(test)]

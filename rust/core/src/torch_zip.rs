@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use memmap2::{Mmap, MmapOptions};
+use memmap2::Mmap;
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
@@ -70,13 +70,9 @@ impl TorchZip {
     /// Parse an in-memory copy of a checkpoint (fuzzing, tests); `path` only names it in errors.
     pub fn from_bytes(path: impl AsRef<Path>, bytes: &[u8]) -> Result<Self> {
         let path = path.as_ref();
-        // An anonymous mapping cannot be empty: map one spare byte and expose only `bytes`.
-        let mut map = MmapOptions::new()
-            .len(bytes.len().max(1))
-            .map_anon()
+        let map = crate::reader::anonymous_copy(path, bytes)?
+            .make_read_only()
             .map_err(|e| Error::io(path, e))?;
-        map[..bytes.len()].copy_from_slice(bytes);
-        let map = map.make_read_only().map_err(|e| Error::io(path, e))?;
         if bytes.is_empty() {
             return Err(Error::zip(
                 path,

@@ -7,9 +7,9 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use fastadapter_core::convert::{convert_zip, ConvertOptions};
-use fastadapter_core::pickle::Limits;
 use fastadapter_core::reader::SafetensorsFile;
 use fastadapter_core::torch_zip::TorchZip;
+use fastadapter_fuzz::fuzz_limits;
 use libfuzzer_sys::fuzz_target;
 
 fn out_dir() -> &'static PathBuf {
@@ -23,20 +23,6 @@ fn out_dir() -> &'static PathBuf {
         };
         dir.expect("temp dir").keep()
     })
-}
-
-/// The default limits scaled down: a bomb is stopped by the same checks, after less work, so the
-/// fuzzer spends its time on new inputs instead of walking 2^22 shared references each time.
-fn fuzz_limits() -> Limits {
-    Limits {
-        max_depth: 1_000,
-        max_values: 1 << 16,
-        max_memo: 1 << 16,
-        max_items: 1 << 16,
-        max_visits: 1 << 12,
-        max_name_bytes: 1 << 20,
-        max_expanded_bytes: 1 << 24,
-    }
 }
 
 fuzz_target!(|data: &[u8]| {

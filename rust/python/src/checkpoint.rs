@@ -168,17 +168,3 @@ pub fn checkpoint_steps(py: Python<'_>, root: PathBuf) -> PyResult<Vec<u64>> {
 pub fn clean_stale_checkpoints(py: Python<'_>, root: PathBuf) -> PyResult<usize> {
     finish(py, py.detach(|| guarded(|| checkpoint::clean_stale(&root))))
 }
-
-/// Delete complete checkpoints under `root` so that `keep` remain, never `protect`.
-#[pyfunction]
-pub fn rotate_checkpoints(
-    py: Python<'_>,
-    root: PathBuf,
-    keep: usize,
-    protect: u64,
-) -> PyResult<Vec<u64>> {
-    finish(
-        py,
-        py.detach(|| guarded(|| checkpoint::rotate(&root, keep, protect))),
-    )
-}
