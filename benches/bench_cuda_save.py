@@ -5,7 +5,7 @@ Skipped with a reason on machines without CUDA. Same adapter as bench_cuda.py (L
 shapes, 32 layers, r=100, fp32 LoRA weights: 448 tensors, 1.0 GB) on a bf16 base that is never
 initialised (`to_empty` on the GPU).
 
-`save-cuda 1GB` (files overwritten each round, `os.sync()` before each):
+`save-cuda 1GB` (files overwritten each round, `settle()` before each):
 - `fastadapter`: `fastadapter.save(model, dir)`: the tensors are packed into one reusable pinned host
   buffer with asynchronous copies on a side stream (one synchronisation), then written from it;
 - `peft`: `model.save_pretrained(dir)` (one pageable `.cpu()` per tensor inside safetensors);
@@ -22,7 +22,6 @@ Target: fastadapter at or above 80% of `torch_pinned_d2h`'s bandwidth.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -35,7 +34,7 @@ from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dic
 from safetensors.torch import save_file
 
 import fastadapter
-from conftest import LLAMA_TARGETS, SAFETENSORS_NAME, BackgroundLoad, LlamaShaped, randomise_lora
+from conftest import LLAMA_TARGETS, SAFETENSORS_NAME, BackgroundLoad, LlamaShaped, randomise_lora, settle
 from fastadapter import _snapshot
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device (GPU benchmarks)")
@@ -98,7 +97,7 @@ def test_save_cuda(benchmark: Any, cuda_model: PeftModel, out_root: Path, conten
     )
     load = BackgroundLoad()
     load.start()
-    benchmark.pedantic(run, setup=os.sync, rounds=ROUNDS, iterations=1, warmup_rounds=1)
+    benchmark.pedantic(run, setup=settle, rounds=ROUNDS, iterations=1, warmup_rounds=1)
     benchmark.extra_info["background_cpu"] = load.stop()
     if contender == "fastadapter":  # outside the timing: PEFT's bytes
         reference = out_root / "reference"

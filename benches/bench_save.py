@@ -13,8 +13,9 @@ Keeping both raw variants in every run shows how much of a contender's time is t
 Noise on the shared 2-core machine comes in phases lasting seconds (other jobs, page-cache and host
 memory churn), so the rounds are split into blocks that interleave the contenders, with the order
 rotated per block: a slow phase lands on all of them. compare.py pools a contender's blocks.
-Every round starts after `os.sync()`, untimed: the previous checkpoint is on disk, as it would be after
-the training steps between two saves, and one contender's dirty pages never throttle the next.
+Every round starts after `settle()` (conftest), untimed: the previous checkpoint is on disk, as it would be
+after the training steps between two saves, and one contender's dirty pages (or fastadapter's background
+release of the file it replaced) never slow the next.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import pytest
 from safetensors.torch import save_file
 
 import fastadapter
-from conftest import SAFETENSORS_NAME, Adapter, BackgroundLoad
+from conftest import SAFETENSORS_NAME, Adapter, BackgroundLoad, settle
 
 CONTENDERS = ("fastadapter", "peft", "safetensors", "raw_write", "raw_write_fallocate")
 BLOCKS = 3
@@ -81,7 +82,7 @@ def test_save(benchmark: Any, adapter: Adapter, out_root: Path, block: int, cont
     )
     load = BackgroundLoad()
     load.start()
-    benchmark.pedantic(write, setup=os.sync, rounds=ROUNDS_PER_BLOCK, iterations=1)
+    benchmark.pedantic(write, setup=settle, rounds=ROUNDS_PER_BLOCK, iterations=1)
     benchmark.extra_info["background_cpu"] = load.stop()
     if contender == "fastadapter" and block == 0:
         assert_same_as_peft(out, adapter.reference_dir)

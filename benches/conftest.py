@@ -66,6 +66,17 @@ def _version(name: str) -> str:
         return "not installed"
 
 
+def settle() -> None:
+    """Untimed, before every save round: the previous round's work is finished and on disk, as it would be
+    after the training steps between two saves. That includes freeing the files fastadapter replaced,
+    which it does on a background thread (see `fastadapter_core::release`): left running, it would land
+    in whichever contender's round comes next."""
+    from fastadapter import _core
+
+    _core.wait_released()
+    os.sync()
+
+
 class BackgroundLoad:
     """Share of the machine's CPU time that other user-space processes used between start() and stop().
 

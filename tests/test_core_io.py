@@ -239,6 +239,33 @@ def test_existing_target_is_unchanged_until_commit(tmp_path: Path) -> None:
     assert target.read_bytes() == write_with_safetensors(tmp_path / "o", new, PT_METADATA)
 
 
+def _held_deleted_files() -> list[str]:
+    """Files this process holds open that no longer have a name."""
+    out = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue  # closed meanwhile
+        if target.endswith(" (deleted)"):
+            out.append(target)
+    return out
+
+
+def test_a_replaced_large_file_is_released_in_the_background(tmp_path: Path) -> None:
+    # Freeing a large replaced file costs as much as writing the new one, so commit leaves it to a
+    # background thread; wait_released() shows it is then really gone (not held open, not leaked).
+    target = tmp_path / "w.safetensors"
+    _core.wait_released()
+    before = _held_deleted_files()
+    for seed in range(3):
+        big = {"w": random_tensor((1 << 20,), torch.float32, seed=seed)}  # 4 MiB
+        _core.write_safetensors(target, core_specs(big), PT_METADATA).commit()
+        assert target.read_bytes() == write_with_safetensors(tmp_path / "o", big, PT_METADATA)
+    _core.wait_released()
+    assert _held_deleted_files() == before
+
+
 def test_discard_leaves_no_temp_file_and_the_target_alone(tmp_path: Path) -> None:
     target = tmp_path / "w.safetensors"
     target.write_bytes(b"old")

@@ -29,6 +29,10 @@ class SafetensorsFile:
         pattern: str | None = None,
         renames: Sequence[tuple[str, str]] | None = None,
     ) -> list[Record]: ...
+    def prefetch(self) -> None:
+        """Start mapping the pages in on a background thread (advisory); ``stop_prefetch`` ends it."""
+    def stop_prefetch(self, wait: bool = False) -> None:
+        """Stop the prefetch after its current 4 MiB step (or, ``wait=True``, once it is done) and join it."""
     def __buffer__(self, flags: int, /) -> memoryview: ...
 
 def select_keys(
@@ -56,6 +60,9 @@ def write_safetensors(
     fsync: bool = False,
 ) -> PendingFile: ...
 def stage_bytes(path: str | PathLike[str], data: Buffer, fsync: bool = False) -> PendingFile: ...
+def wait_released() -> None:
+    """Wait until files replaced by earlier commits are freed (that happens on a background thread)."""
+
 def plan_header(
     tensors: Sequence[tuple[str, str, Sequence[int], int]],
     metadata: dict[str, str] | None = None,

@@ -65,9 +65,16 @@ class Plan:
     first_injection: bool = True
 
 
-def get_submodule_parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+def get_submodule_parent(
+    model: nn.Module, path: str, known: dict[str, nn.Module] | None = None
+) -> tuple[nn.Module, str]:
+    """(parent module, attribute name) of `path`; `known` (path -> module, e.g. from `named_modules()`)
+    saves walking the path attribute by attribute."""
     parent_path, _, name = path.rpartition(".")
-    return (model.get_submodule(parent_path) if parent_path else model), name
+    if not parent_path:
+        return model, name
+    parent = known.get(parent_path) if known is not None else None
+    return (parent if parent is not None else model.get_submodule(parent_path)), name
 
 
 def pattern_key(patterns: Iterable[str], key: str) -> str:
@@ -180,6 +187,7 @@ def plan(model: nn.Module, config: AdapterConfig, adapter_name: str) -> Plan:
     """Decide what to adapt, checking everything; `config` may be rewritten as PEFT rewrites it (all-linear,
     long target lists, fan_in_fan_out)."""
     named = list(model.named_modules())
+    by_path = dict(named)
     lora_prefixes = [k + "." for k, m in named if isinstance(m, LoraLayer)]
     result = Plan(
         config, first_injection=not lora_prefixes and not any(isinstance(m, ModulesToSave) for _, m in named)
@@ -195,8 +203,10 @@ def plan(model: nn.Module, config: AdapterConfig, adapter_name: str) -> Plan:
             config.target_modules = smaller
 
     excluded = unmatched = 0
+    inside_lora = tuple(lora_prefixes)  # str.startswith takes a tuple: one call per module
+    rank_pattern, alpha_pattern = config.rank_pattern, config.alpha_pattern
     for key, module in named:
-        if not key or any(key.startswith(p) for p in lora_prefixes):
+        if not key or (inside_lora and key.startswith(inside_lora)):
             continue
         if not target_matches(config, key):
             if _excluded(config, key):
@@ -219,9 +229,13 @@ def plan(model: nn.Module, config: AdapterConfig, adapter_name: str) -> Plan:
             )
         if kind == "embedding" and config.lora_bias:
             raise UnsupportedAdapterError(f"lora_bias=True is not supported for embedding layers (`{key}`)")
-        r = config.rank_pattern.get(pattern_key(config.rank_pattern, key), config.r)
-        alpha = config.alpha_pattern.get(pattern_key(config.alpha_pattern, key), config.lora_alpha)
-        parent, child = get_submodule_parent(model, key)
+        r = rank_pattern.get(pattern_key(rank_pattern, key), config.r) if rank_pattern else config.r
+        alpha = (
+            alpha_pattern.get(pattern_key(alpha_pattern, key), config.lora_alpha)
+            if alpha_pattern
+            else config.lora_alpha
+        )
+        parent, child = get_submodule_parent(model, key, by_path)
         result.targets.append(Target(key, parent, child, module, base, kind, r, alpha))
 
     if not result.targets:

@@ -40,15 +40,45 @@ def mapped_tensors(
     file: SafetensorsFile, records: Iterable[tuple[str, str, list[int], int, int]]
 ) -> dict[str, torch.Tensor]:
     """Tensors that are views of `file`'s private mapping: no bytes are read until they are touched,
-    and writing to them never reaches the file."""
+    and writing to them never reaches the file. (Empty tensors are fresh, and a tensor stored at an
+    offset its dtype cannot be viewed at is copied.)"""
     whole = torch.frombuffer(file, dtype=torch.uint8)
+    # One typed view of the mapping per dtype; each tensor is then a single `as_strided` on it (0.9 us
+    # against 2.4 us for slice + view + reshape: thousands of tensors per adapter).
+    typed: dict[torch.dtype, torch.Tensor] = {}
+    strides: dict[tuple[int, ...], tuple[int, ...]] = {}
     out: dict[str, torch.Tensor] = {}
     for name, dtype, shape, start, end in records:
         torch_dtype = SAFETENSORS_TO_TORCH.get(dtype)
         if torch_dtype is None:
             raise TensorError(f"{file.path}: tensor `{name}` has dtype {dtype}, which torch cannot represent")
-        out[name] = whole[start:end].view(torch_dtype).reshape(shape)
+        size = torch_dtype.itemsize
+        if end == start:
+            out[name] = torch.empty(shape, dtype=torch_dtype)
+            continue
+        if start % size:
+            # Not aligned to its dtype in the file (safetensors does not require it; its writers align):
+            # no view can reach it, so this one tensor is copied.
+            out[name] = whole[start:end].clone().view(torch_dtype).reshape(shape)
+            continue
+        view = typed.get(torch_dtype)
+        if view is None:
+            view = typed[torch_dtype] = whole[: whole.numel() - whole.numel() % size].view(torch_dtype)
+        key = tuple(shape)
+        stride = strides.get(key)
+        if stride is None:
+            stride = strides[key] = _contiguous_strides(key)
+        out[name] = view.as_strided(key, stride, start // size)
     return out
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    out = []
+    step = 1
+    for dim in reversed(shape):
+        out.append(step)
+        step *= max(dim, 1)
+    return tuple(reversed(out))
 
 
 def load_safetensors(path: str) -> dict[str, torch.Tensor]:

@@ -66,13 +66,32 @@ impl PendingFile {
         if fsync {
             temp.as_file().sync_all().at(&target)?;
         }
+        // Held across the rename so that freeing the replaced file happens on the release thread.
+        let replaced = open_replaced(&target);
         temp.persist(&target)
             .map_err(|e| Error::io(&target, e.error))?;
+        if let Some(old) = replaced {
+            crate::release::close_later(old);
+        }
         if fsync {
             sync_parent_dir(&target)?;
         }
         Ok(())
     }
+}
+
+/// The regular file at `target` if it is big enough to be worth releasing later (see [`crate::release`]).
+/// Best effort: a file we cannot open is simply freed by the rename, as without this.
+fn open_replaced(target: &Path) -> Option<File> {
+    let meta = std::fs::symlink_metadata(target).ok()?;
+    if !meta.is_file() || meta.len() < crate::release::DEFER_MIN_BYTES {
+        return None;
+    }
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(target)
+        .ok()
 }
 
 /// Create `dir/.<name>.<random>.tmp` exclusively. Done by hand rather than with `tempfile::Builder`
@@ -172,6 +191,29 @@ mod tests {
         pending.commit().unwrap();
         assert_eq!(std::fs::read(&target).unwrap(), b"new");
         assert!(temp_files(dir.path()).is_empty());
+    }
+
+    #[test]
+    fn replacing_a_large_file_publishes_the_new_content_and_releases_the_old() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("big.bin");
+        let old = vec![1u8; crate::release::DEFER_MIN_BYTES as usize];
+        std::fs::write(&target, &old).unwrap();
+        let old_inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&target).unwrap());
+        stage_bytes(&target, b"new", false)
+            .unwrap()
+            .commit()
+            .unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), b"new");
+        crate::release::wait_released();
+        let still_open = std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| std::fs::metadata(e.unwrap().path()).ok())
+            .any(|m| {
+                std::os::unix::fs::MetadataExt::ino(&m) == old_inode
+                    && std::os::unix::fs::MetadataExt::nlink(&m) == 0
+            });
+        assert!(!still_open, "the replaced file is still held open");
     }
 
     #[test]

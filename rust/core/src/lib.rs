@@ -5,7 +5,8 @@
 //! * [`select`]: picks tensors by prefix / regex and renames keys, header-only.
 //! * [`layout`]: computes the exact header bytes and data order that `safetensors` 0.8 writes.
 //! * [`writer`]: writes a file from caller-owned buffers with parallel positional writes, atomically.
-//! * [`atomic`]: the temp-file-then-rename primitive the writer (and the Python layer) commit through.
+//! * [`atomic`]: the temp-file-then-rename primitive the writer (and the Python layer) commit through;
+//!   [`release`] frees the file it replaces off the caller's thread.
 //! * [`torch_zip`], [`pickle`], [`state_dict`]: a reader for `torch.save` checkpoints that parses the zip
 //!   container over a mapping and interprets `data.pkl` with exactly what `torch.load(weights_only=True)`
 //!   allows; globals are recorded, never resolved, so nothing in a hostile file can run.
@@ -19,6 +20,7 @@ pub mod layout;
 pub mod pickle;
 pub mod pickle_globals;
 pub mod reader;
+pub mod release;
 pub mod select;
 pub mod snapshot;
 pub mod state_dict;

@@ -25,6 +25,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(reader::select_keys, m)?)?;
     m.add_function(wrap_pyfunction!(writer::write_safetensors, m)?)?;
     m.add_function(wrap_pyfunction!(writer::stage_bytes, m)?)?;
+    m.add_function(wrap_pyfunction!(writer::wait_released, m)?)?;
     m.add_function(wrap_pyfunction!(writer::plan_header, m)?)?;
     m.add_function(wrap_pyfunction!(convert::convert_file, m)?)?;
     m.add_function(wrap_pyfunction!(convert::inspect_torch, m)?)?;

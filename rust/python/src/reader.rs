@@ -5,6 +5,9 @@
 use std::ffi::c_int;
 use std::os::raw::c_void;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 
 use fastadapter_core::reader::{SafetensorsFile as CoreFile, TensorEntry};
 use fastadapter_core::select::KeySelector;
@@ -29,11 +32,19 @@ fn record(name: String, e: &TensorEntry) -> Record {
 
 #[pyclass(module = "fastadapter._core", frozen)]
 pub struct SafetensorsFile {
-    inner: CoreFile,
+    // Shared with the prefetch thread, which keeps the mapping alive until it is done even if this
+    // object goes first.
+    inner: Arc<CoreFile>,
     // Base address and length of the private mapping, taken once at open time so that exporting the
     // buffer needs no mutable borrow of `inner`.
     base: usize,
     len: isize,
+    prefetch: Mutex<Option<Prefetch>>,
+}
+
+struct Prefetch {
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
 }
 
 #[pymethods]
@@ -43,10 +54,50 @@ impl SafetensorsFile {
         let mut inner = finish(py, py.detach(|| guarded(|| CoreFile::open(&path))))?;
         let (base, len) = inner.raw_parts();
         Ok(Self {
-            inner,
+            inner: Arc::new(inner),
             base: base as usize,
             len: len as isize,
+            prefetch: Mutex::new(None),
         })
+    }
+
+    /// Start mapping the file's pages in on a background thread (`populate_until` in the core), so that
+    /// the caller's own work overlaps it; `stop_prefetch` ends it. Advisory: pages it does not reach,
+    /// or all of them if it fails, are faulted in on first use as usual. Does nothing while one runs.
+    fn prefetch(&self) {
+        let mut slot = self.prefetch.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_some() {
+            return;
+        }
+        let file = Arc::clone(&self.inner);
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&stop);
+        *slot = std::thread::Builder::new()
+            .name("fastadapter-prefetch".into())
+            .spawn(move || {
+                let _ = file.populate_until(&flag);
+            })
+            .ok()
+            .map(|thread| Prefetch { stop, thread });
+    }
+
+    /// Stop a prefetch started by `prefetch` after the step in progress (at most 4 MiB) and wait for its
+    /// thread; returns at once if none runs. `wait=True` lets it finish the whole file first.
+    #[pyo3(signature = (wait=false))]
+    fn stop_prefetch(&self, py: Python<'_>, wait: bool) {
+        let prefetch = self
+            .prefetch
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(Prefetch { stop, thread }) = prefetch {
+            if !wait {
+                stop.store(true, Ordering::Relaxed);
+            }
+            py.detach(|| {
+                let _ = thread.join();
+            });
+        }
     }
 
     #[getter]

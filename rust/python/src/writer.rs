@@ -139,6 +139,13 @@ pub fn write_safetensors(
     Ok(PendingFile::wrap(pending))
 }
 
+/// Wait until the files replaced by earlier commits are freed (their release runs on a background
+/// thread, see `fastadapter_core::release`). For benchmarks and callers that need the space back now.
+#[pyfunction]
+pub fn wait_released(py: Python<'_>) {
+    py.detach(fastadapter_core::release::wait_released);
+}
+
 /// Stage `data` (bytes, or any C-contiguous buffer, e.g. a range of a snapshot buffer) as the new
 /// content of `path`: configs, model cards, files packed from device tensors.
 #[pyfunction]

@@ -1,0 +1,99 @@
+//! Releasing a replaced file off the caller's thread.
+//!
+//! When a rename replaces a file, the old inode loses its last link and the kernel frees it inside the
+//! `rename(2)` call: its page cache and its blocks. For a 160 MB adapter on ext4 that is about 33 ms, as
+//! long as writing the new file's bytes takes (measured: `rename` over a 160 MB file 32.7 ms, over
+//! nothing 0.06 ms; `unlink` of it 32.9 ms). Holding the old file open across the rename moves that work
+//! to the moment the last descriptor closes, so [`commit`](crate::atomic::PendingFile::commit) opens
+//! the old file first and hands it here; one long-lived thread closes such files in the order they come.
+//! Nothing about what is on disk changes: the old name already points at the new file when the rename
+//! returns, and the old inode is unreachable whether or not its space is given back yet.
+
+use std::fs::File;
+use std::sync::mpsc::{self, Sender, SyncSender};
+use std::sync::{Mutex, OnceLock};
+
+/// Below this an old file is closed in place: a hand-off would cost more than the release.
+pub const DEFER_MIN_BYTES: u64 = 1 << 20;
+
+enum Job {
+    Close(File),
+    /// Answered once every job sent before it is done.
+    Barrier(SyncSender<()>),
+}
+
+fn releaser() -> Option<&'static Mutex<Sender<Job>>> {
+    static RELEASER: OnceLock<Option<Mutex<Sender<Job>>>> = OnceLock::new();
+    RELEASER
+        .get_or_init(|| {
+            let (tx, rx) = mpsc::channel::<Job>();
+            std::thread::Builder::new()
+                .name("fastadapter-release".into())
+                .spawn(move || {
+                    for job in rx {
+                        match job {
+                            Job::Close(file) => drop(file),
+                            Job::Barrier(done) => {
+                                let _ = done.send(());
+                            }
+                        }
+                    }
+                })
+                .ok()
+                .map(|_| Mutex::new(tx))
+        })
+        .as_ref()
+}
+
+/// Close `file` on the release thread (or here, if that thread could not be started). At process exit
+/// the kernel closes whatever is still queued.
+pub fn close_later(file: File) {
+    let Some(releaser) = releaser() else {
+        return drop(file);
+    };
+    let sent = match releaser.lock() {
+        Ok(tx) => tx.send(Job::Close(file)),
+        Err(poisoned) => poisoned.into_inner().send(Job::Close(file)),
+    };
+    if let Err(mpsc::SendError(Job::Close(file))) = sent {
+        drop(file);
+    }
+}
+
+/// Wait until every file handed to [`close_later`] before this call is closed (tests, and callers that
+/// need the space back now).
+pub fn wait_released() {
+    let Some(releaser) = releaser() else {
+        return;
+    };
+    let (done_tx, done_rx) = mpsc::sync_channel(1);
+    let sent = match releaser.lock() {
+        Ok(tx) => tx.send(Job::Barrier(done_tx)),
+        Err(poisoned) => poisoned.into_inner().send(Job::Barrier(done_tx)),
+    };
+    if sent.is_ok() {
+        let _ = done_rx.recv();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn is_open(path: &std::path::Path) -> bool {
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .filter_map(|e| std::fs::read_link(e.unwrap().path()).ok())
+            .any(|target| target == path)
+    }
+
+    #[test]
+    fn queued_files_are_closed_by_the_barrier() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("held");
+        std::fs::write(&path, b"x").unwrap();
+        close_later(File::open(&path).unwrap());
+        wait_released();
+        assert!(!is_open(&path), "{} is still open", path.display());
+    }
+}
