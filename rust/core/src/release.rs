@@ -10,11 +10,17 @@
 //! returns, and the old inode is unreachable whether or not its space is given back yet.
 
 use std::fs::File;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender, SyncSender};
 use std::sync::{Mutex, OnceLock};
 
 /// Below this an old file is closed in place: a hand-off would cost more than the release.
 pub const DEFER_MIN_BYTES: u64 = 1 << 20;
+/// Files queued and not yet closed, at most: beyond that the caller closes its own, so saves faster
+/// than the release thread can keep up with cannot pile up deleted-but-open files (disk space).
+const MAX_QUEUED: usize = 4;
+
+static QUEUED: AtomicUsize = AtomicUsize::new(0);
 
 enum Job {
     Close(File),
@@ -32,7 +38,10 @@ fn releaser() -> Option<&'static Mutex<Sender<Job>>> {
                 .spawn(move || {
                     for job in rx {
                         match job {
-                            Job::Close(file) => drop(file),
+                            Job::Close(file) => {
+                                drop(file);
+                                QUEUED.fetch_sub(1, Ordering::AcqRel);
+                            }
                             Job::Barrier(done) => {
                                 let _ = done.send(());
                             }
@@ -46,16 +55,22 @@ fn releaser() -> Option<&'static Mutex<Sender<Job>>> {
 }
 
 /// Close `file` on the release thread (or here, if that thread could not be started). At process exit
-/// the kernel closes whatever is still queued.
+/// the kernel closes whatever is still queued. With `MAX_QUEUED` files already waiting, it is closed
+/// here instead.
 pub fn close_later(file: File) {
     let Some(releaser) = releaser() else {
         return drop(file);
     };
+    if QUEUED.fetch_add(1, Ordering::AcqRel) >= MAX_QUEUED {
+        QUEUED.fetch_sub(1, Ordering::AcqRel);
+        return drop(file);
+    }
     let sent = match releaser.lock() {
         Ok(tx) => tx.send(Job::Close(file)),
         Err(poisoned) => poisoned.into_inner().send(Job::Close(file)),
     };
     if let Err(mpsc::SendError(Job::Close(file))) = sent {
+        QUEUED.fetch_sub(1, Ordering::AcqRel);
         drop(file);
     }
 }
