@@ -47,6 +47,21 @@ struct Prefetch {
     thread: JoinHandle<()>,
 }
 
+impl Drop for SafetensorsFile {
+    /// A prefetch still running for a file nobody holds any more (e.g. a load that failed) is told to
+    /// stop; its thread keeps the mapping until it has, and is not waited for here.
+    fn drop(&mut self) {
+        let prefetch = self
+            .prefetch
+            .get_mut()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(p) = prefetch {
+            p.stop.store(true, Ordering::Relaxed);
+        }
+    }
+}
+
 #[pymethods]
 impl SafetensorsFile {
     #[new]
