@@ -63,6 +63,9 @@ class Plan:
         default_factory=list
     )  # path, parent, name, mod
     first_injection: bool = True
+    # Every module of the model as planning saw it (named_modules order, each once): what a first
+    # injection freezes, without walking the model again.
+    modules: list[nn.Module] = field(default_factory=list)
 
 
 def get_submodule_parent(
@@ -190,7 +193,9 @@ def plan(model: nn.Module, config: AdapterConfig, adapter_name: str) -> Plan:
     by_path = dict(named)
     lora_prefixes = [k + "." for k, m in named if isinstance(m, LoraLayer)]
     result = Plan(
-        config, first_injection=not lora_prefixes and not any(isinstance(m, ModulesToSave) for _, m in named)
+        config,
+        first_injection=not lora_prefixes and not any(isinstance(m, ModulesToSave) for _, m in named),
+        modules=[m for _, m in named],
     )
     if isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR:
         _resolve_all_linear(config, model)

@@ -259,8 +259,9 @@ class LoraLinear(LoraLayer):
         lora_B: nn.Linear,
         magnitude: DoraMagnitude | None = None,
     ) -> None:
-        self.lora_A._modules[name] = lora_A
-        self.lora_B._modules[name] = lora_B
+        modules = self._modules  # past nn.Module.__getattr__: this runs once per layer of a load
+        modules["lora_A"]._modules[name] = lora_A  # type: ignore[union-attr]
+        modules["lora_B"]._modules[name] = lora_B  # type: ignore[union-attr]
         if magnitude is not None:
             if self.dora is None:
                 self.lora_magnitude_vector = nn.ModuleDict()

@@ -511,9 +511,11 @@ def _add_task_heads(config: AdapterConfig) -> None:
 def _freeze_base(model: nn.Module, p: Plan) -> None:
     # PEFT freezes the base model on the first injection; later ones keep existing trainability.
     if p.first_injection:
-        for param in model.parameters():
-            if param.requires_grad:
-                param.requires_grad_(False)
+        # The modules planning listed: the model has not changed since (nothing is installed before this).
+        for module in p.modules:
+            for param in module._parameters.values():
+                if param is not None and param.requires_grad:
+                    param.requires_grad_(False)
 
 
 def _register(
