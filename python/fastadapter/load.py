@@ -17,7 +17,7 @@ import functools
 import gc
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -130,9 +130,10 @@ def read_bin(path: str) -> dict[str, torch.Tensor]:
     return loaded
 
 
-def _check_all_selected(path: str, selected: int, keys: list[str]) -> None:
-    if selected != len(keys):
-        stray = next(k for k in keys if not k.startswith(PEFT_PREFIX))
+def _check_all_selected(path: str, selected: int, total: int, keys: Callable[[], Iterable[str]]) -> None:
+    """Every one of the file's `total` tensors was selected; `keys` lists them only to name a stray one."""
+    if selected != total:
+        stray = next(k for k in keys() if not k.startswith(PEFT_PREFIX))
         raise TargetModuleError(
             f"{path}: tensor `{stray}` is not under `{PEFT_PREFIX}` (not a PEFT adapter key)"
         )
@@ -146,15 +147,14 @@ def read_weights(adapter_dir: str, name: str) -> tuple[str, dict[str, torch.Tens
     if os.path.isfile(path):
         file = SafetensorsFile(path)
         records = file.select(prefix=PEFT_PREFIX, renames=_renames(name))
-        if len(records) != len(file):
-            _check_all_selected(path, len(records), [e[0] for e in file.entries()])
+        _check_all_selected(path, len(records), len(file), lambda: (e[0] for e in file.entries()))
         file.prefetch()
         return path, mapped_tensors(file, records), file
     bin_path = os.path.join(adapter_dir, WEIGHTS_NAME)
     if os.path.isfile(bin_path):
         loaded = read_bin(bin_path)
         pairs = select_keys(list(loaded), prefix=PEFT_PREFIX, renames=_renames(name))
-        _check_all_selected(bin_path, len(pairs), list(loaded))
+        _check_all_selected(bin_path, len(pairs), len(loaded), lambda: loaded)
         return bin_path, {new: loaded[old] for old, new in pairs}, None
     raise FileNotFoundError(
         2, f"no {SAFETENSORS_WEIGHTS_NAME} or {WEIGHTS_NAME} in the adapter directory", path

@@ -199,7 +199,8 @@ mod tests {
         let target = dir.path().join("big.bin");
         let old = vec![1u8; crate::release::DEFER_MIN_BYTES as usize];
         std::fs::write(&target, &old).unwrap();
-        let old_inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&target).unwrap());
+        use std::os::unix::fs::MetadataExt;
+        let old_inode = std::fs::metadata(&target).unwrap().ino();
         stage_bytes(&target, b"new", false)
             .unwrap()
             .commit()
@@ -209,10 +210,7 @@ mod tests {
         let still_open = std::fs::read_dir("/proc/self/fd")
             .unwrap()
             .filter_map(|e| std::fs::metadata(e.unwrap().path()).ok())
-            .any(|m| {
-                std::os::unix::fs::MetadataExt::ino(&m) == old_inode
-                    && std::os::unix::fs::MetadataExt::nlink(&m) == 0
-            });
+            .any(|m| m.ino() == old_inode && m.nlink() == 0);
         assert!(!still_open, "the replaced file is still held open");
     }
 

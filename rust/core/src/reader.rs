@@ -143,13 +143,8 @@ impl SafetensorsFile {
         (self.map.as_mut_ptr(), self.map.len())
     }
 
-    /// Map every page of the file into this process now, read-only (`MADV_POPULATE_READ`), so that later
-    /// reads of the tensors take no page faults; see [`SafetensorsFile::populate_until`].
-    pub fn populate(&self) -> Result<()> {
-        self.populate_until(&AtomicBool::new(false))
-    }
-
-    /// [`SafetensorsFile::populate`] in 4 MiB steps, stopping early once `stop` is set. Meant for a
+    /// Map the file's pages into this process now, read-only (`MADV_POPULATE_READ`), so that later reads
+    /// of the tensors take no page faults; in 4 MiB steps, stopping early once `stop` is set. Meant for a
     /// background thread while the caller builds what will use the tensors: populating is not faster
     /// than faulting the pages in on first touch (537 MB in the page cache: 25 ms), but done beside the
     /// caller's work it is off the critical path, and stopping when that work is done means the caller
@@ -273,7 +268,7 @@ mod tests {
         );
         let file = SafetensorsFile::open(f.path()).unwrap();
         let before = file.bytes().to_vec();
-        file.populate().unwrap();
+        file.populate_until(&AtomicBool::new(false)).unwrap();
         assert_eq!(file.bytes(), &before[..]);
         file.populate_until(&AtomicBool::new(true)).unwrap();
         assert_eq!(file.bytes(), &before[..]);

@@ -54,6 +54,14 @@ fn releaser() -> Option<&'static Mutex<Sender<Job>>> {
         .as_ref()
 }
 
+/// A poisoned lock still guards a usable sender: nothing a panicking holder did can leave it half-done.
+fn send(releaser: &Mutex<Sender<Job>>, job: Job) -> Result<(), mpsc::SendError<Job>> {
+    releaser
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .send(job)
+}
+
 /// Close `file` on the release thread (or here, if that thread could not be started). At process exit
 /// the kernel closes whatever is still queued. With `MAX_QUEUED` files already waiting, it is closed
 /// here instead.
@@ -65,11 +73,7 @@ pub fn close_later(file: File) {
         QUEUED.fetch_sub(1, Ordering::AcqRel);
         return drop(file);
     }
-    let sent = match releaser.lock() {
-        Ok(tx) => tx.send(Job::Close(file)),
-        Err(poisoned) => poisoned.into_inner().send(Job::Close(file)),
-    };
-    if let Err(mpsc::SendError(Job::Close(file))) = sent {
+    if let Err(mpsc::SendError(Job::Close(file))) = send(releaser, Job::Close(file)) {
         QUEUED.fetch_sub(1, Ordering::AcqRel);
         drop(file);
     }
@@ -82,11 +86,7 @@ pub fn wait_released() {
         return;
     };
     let (done_tx, done_rx) = mpsc::sync_channel(1);
-    let sent = match releaser.lock() {
-        Ok(tx) => tx.send(Job::Barrier(done_tx)),
-        Err(poisoned) => poisoned.into_inner().send(Job::Barrier(done_tx)),
-    };
-    if sent.is_ok() {
+    if send(releaser, Job::Barrier(done_tx)).is_ok() {
         let _ = done_rx.recv();
     }
 }
