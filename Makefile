@@ -36,12 +36,14 @@ test-rust:
 test-python: develop
 	$(PY) -m pytest -q tests
 
-lint: $(DEPS_STAMP)
+# Needs the built extension: stubtest checks python/fastadapter/_core.pyi against the real fastadapter._core.
+lint: develop
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets --quiet -- -D warnings
 	$(VENV)/bin/ruff check python tests benches scripts
 	$(VENV)/bin/ruff format --check python tests benches scripts
 	$(VENV)/bin/mypy
+	$(PY) -m mypy.stubtest fastadapter._core --allowlist scripts/stubtest-allowlist.txt
 
 fmt: $(DEPS_STAMP)
 	cargo fmt --all

@@ -1,14 +1,36 @@
-# Type stubs for the native module fastadapter._core (rust/python/src). Keep in sync by hand.
+# Type stubs for the native module fastadapter._core (rust/python/src), kept by hand and checked against the
+# built module by `make lint` (mypy.stubtest; what it cannot check is in scripts/stubtest-allowlist.txt).
 from collections.abc import Sequence
 from os import PathLike
+from pathlib import Path
 from typing import Any, final
 
 from typing_extensions import Buffer
 
+__all__ = [
+    "CheckpointJob",
+    "PendingFile",
+    "Progress",
+    "SafetensorsFile",
+    "__version__",
+    "checkpoint_steps",
+    "clean_stale_checkpoints",
+    "convert_file",
+    "copy_ranges",
+    "inspect_torch",
+    "plan_header",
+    "publish_checkpoint",
+    "select_keys",
+    "stage_bytes",
+    "wait_released",
+    "write_safetensors",
+]
+
 __version__: str
 
-# (name, safetensors dtype, shape, start, end); offsets are absolute byte positions in the file.
-Record = tuple[str, str, list[int], int, int]
+# (name, safetensors dtype, shape, start, end); offsets are absolute byte positions in the file. Stub-only,
+# hence private.
+_Record = tuple[str, str, list[int], int, int]
 
 @final
 class SafetensorsFile:
@@ -16,19 +38,19 @@ class SafetensorsFile:
 
     def __new__(cls, path: str | PathLike[str]) -> SafetensorsFile: ...
     @property
-    def path(self) -> str: ...
+    def path(self) -> Path: ...
     @property
     def metadata(self) -> dict[str, str]: ...
     @property
     def header_len(self) -> int: ...
     def __len__(self) -> int: ...
-    def entries(self) -> list[Record]: ...
+    def entries(self) -> list[_Record]: ...
     def select(
         self,
         prefix: str | None = None,
         pattern: str | None = None,
         renames: Sequence[tuple[str, str]] | None = None,
-    ) -> list[Record]: ...
+    ) -> list[_Record]: ...
     def prefetch(self) -> None:
         """Start mapping the pages in on a background thread (advisory); ``stop_prefetch`` ends it."""
     def stop_prefetch(self, wait: bool = False) -> None:
@@ -47,9 +69,9 @@ class PendingFile:
     """A file staged beside its target; ``commit()`` renames it into place, ``discard()`` removes it."""
 
     @property
-    def target(self) -> str: ...
+    def target(self) -> Path: ...
     @property
-    def temp_path(self) -> str: ...
+    def temp_path(self) -> Path: ...
     def commit(self) -> None: ...
     def discard(self) -> None: ...
 
@@ -100,7 +122,7 @@ class CheckpointJob:
     @property
     def step(self) -> int: ...
     def done(self) -> bool: ...
-    def wait(self) -> str: ...
+    def wait(self) -> Path: ...
 
 def publish_checkpoint(
     root: str | PathLike[str],

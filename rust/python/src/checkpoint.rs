@@ -11,7 +11,7 @@ use pyo3::buffer::PyUntypedBuffer;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 
-use crate::errors::{finish, guarded, to_py};
+use crate::errors::{detached, panic_error, to_py};
 
 /// A checkpoint being written by a background thread. `wait()` joins it (GIL released) and returns
 /// the published directory or raises what went wrong; dropping an unfinished job joins it first, so
@@ -53,8 +53,8 @@ impl CheckpointJob {
             self.snapshot = None; // the thread is gone: the buffer may be reused or freed
             self.outcome = Some(match joined {
                 Ok(Ok(path)) => Ok(path),
-                Ok(Err(e)) => Err(to_py(py, e)),
-                Err(p) => Err(panic_error(py, &*p)),
+                Ok(Err(e)) => Err(to_py(e)),
+                Err(p) => Err(panic_error(&*p)),
             });
         }
         match self.outcome.as_ref().expect("set above") {
@@ -74,15 +74,6 @@ impl CheckpointJob {
         };
         format!("CheckpointJob(step={}, {state})", self.step)
     }
-}
-
-fn panic_error(py: Python<'_>, p: &(dyn std::any::Any + Send)) -> PyErr {
-    let msg = p
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| p.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".to_owned());
-    finish::<()>(py, Err(msg)).unwrap_err()
 }
 
 /// Start writing checkpoint `step` under `root` on a background thread. `files` are
@@ -160,11 +151,11 @@ pub fn publish_checkpoint(
 /// Steps of the complete checkpoints under `root`, ascending (hidden leftovers ignored).
 #[pyfunction]
 pub fn checkpoint_steps(py: Python<'_>, root: PathBuf) -> PyResult<Vec<u64>> {
-    finish(py, py.detach(|| guarded(|| checkpoint::steps(&root))))
+    detached(py, || checkpoint::steps(&root))
 }
 
 /// Remove temp/trash directories left under `root` by writers that are no longer running.
 #[pyfunction]
 pub fn clean_stale_checkpoints(py: Python<'_>, root: PathBuf) -> PyResult<usize> {
-    finish(py, py.detach(|| guarded(|| checkpoint::clean_stale(&root))))
+    detached(py, || checkpoint::clean_stale(&root))
 }

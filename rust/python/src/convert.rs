@@ -9,7 +9,7 @@ use fastadapter_core::ConvertOptions;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use crate::errors::{finish, guarded};
+use crate::errors::detached;
 
 /// A byte counter the Rust writer increments as it writes; read `.value` from any thread.
 #[pyclass(module = "fastadapter._core", frozen)]
@@ -52,10 +52,7 @@ pub fn convert_file<'py>(
         progress: progress.map(|p| p.bytes.clone()),
         ..ConvertOptions::default()
     };
-    let report = finish(
-        py,
-        py.detach(|| guarded(|| core_convert(&src, &dst, &options))),
-    )?;
+    let report = detached(py, || core_convert(&src, &dst, &options))?;
     let out = PyDict::new(py);
     out.set_item("tensors", report.tensors)?;
     out.set_item("bytes", report.bytes)?;
@@ -78,7 +75,7 @@ pub fn inspect_torch(
     py: Python<'_>,
     path: PathBuf,
 ) -> PyResult<Vec<(String, String, Vec<usize>, usize, Option<String>)>> {
-    let infos = finish(py, py.detach(|| guarded(|| core_inspect(&path))))?;
+    let infos = detached(py, || core_inspect(&path))?;
     Ok(infos
         .into_iter()
         .map(|t| {

@@ -4,25 +4,23 @@
 //! PermissionError, ...) with `filename` set; format and tensor errors become the classes of
 //! `fastadapter.errors`, which subclass both `FastAdapterError` and the built-in that fits.
 
+use std::any::Any;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 
 use fastadapter_core::Error;
 use pyo3::exceptions::PyOSError;
 use pyo3::prelude::*;
 
-fn fastadapter_error(py: Python<'_>, class: &str, message: String) -> PyErr {
-    let made = py
-        .import("fastadapter.errors")
-        .and_then(|m| m.getattr(class))
-        .and_then(|cls| cls.call1((message.clone(),)));
-    match made {
-        Ok(exc) => PyErr::from_value(exc),
-        // Only if the Python package is broken: still raise something that says what went wrong.
-        Err(_) => pyo3::exceptions::PyValueError::new_err(message),
-    }
-}
+// The classes of python/fastadapter/errors.py this layer raises, bound by name at compile time: a
+// misspelt class is a build error here, not a silent fallback at run time.
+pyo3::import_exception!(fastadapter.errors, FastAdapterError);
+pyo3::import_exception!(fastadapter.errors, HeaderError);
+pyo3::import_exception!(fastadapter.errors, TensorError);
+pyo3::import_exception!(fastadapter.errors, KeyPatternError);
+pyo3::import_exception!(fastadapter.errors, CheckpointError);
+pyo3::import_exception!(fastadapter.errors, UnsafeCheckpointError);
 
-pub fn to_py(py: Python<'_>, err: Error) -> PyErr {
+pub fn to_py(err: Error) -> PyErr {
     match err {
         Error::Io { path, source } => {
             let filename = path.to_string_lossy().into_owned();
@@ -39,45 +37,39 @@ pub fn to_py(py: Python<'_>, err: Error) -> PyErr {
                 None => PyOSError::new_err(format!("{filename}: {source}")),
             }
         }
-        e @ (Error::Format { .. } | Error::Header { .. }) => {
-            fastadapter_error(py, "HeaderError", e.to_string())
-        }
-        e @ (Error::Tensor { .. } | Error::DuplicateName(_)) => {
-            fastadapter_error(py, "TensorError", e.to_string())
-        }
-        e @ Error::Pattern { .. } => fastadapter_error(py, "KeyPatternError", e.to_string()),
-        e @ Error::UnsafePickle { .. } => {
-            fastadapter_error(py, "UnsafeCheckpointError", e.to_string())
-        }
+        e @ (Error::Format { .. } | Error::Header { .. }) => HeaderError::new_err(e.to_string()),
+        e @ (Error::Tensor { .. } | Error::DuplicateName(_)) => TensorError::new_err(e.to_string()),
+        e @ Error::Pattern { .. } => KeyPatternError::new_err(e.to_string()),
+        e @ Error::UnsafePickle { .. } => UnsafeCheckpointError::new_err(e.to_string()),
         e @ (Error::TorchZip { .. }
         | Error::TorchZipEntry { .. }
         | Error::LegacyTorchFormat { .. }
         | Error::BigEndian { .. }
-        | Error::Pickle { .. }) => fastadapter_error(py, "CheckpointError", e.to_string()),
+        | Error::Pickle { .. }) => CheckpointError::new_err(e.to_string()),
     }
 }
 
-/// Run `f` (typically with the GIL released) and turn a panic into a `FastAdapterError` instead of
-/// pyo3's `PanicException`, which derives from `BaseException` and escapes `except Exception`.
-pub fn guarded<T>(f: impl FnOnce() -> Result<T, Error>) -> Result<Result<T, Error>, String> {
-    catch_unwind(AssertUnwindSafe(f)).map_err(|payload| {
-        payload
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_owned())
-            .or_else(|| payload.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "unknown panic".to_owned())
-    })
+/// A panic in the Rust core as a `FastAdapterError`, instead of pyo3's `PanicException`, which
+/// derives from `BaseException` and escapes `except Exception`.
+pub fn panic_error(payload: &(dyn Any + Send)) -> PyErr {
+    let panic = payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".to_owned());
+    FastAdapterError::new_err(format!(
+        "internal error in fastadapter's Rust core (please report): {panic}"
+    ))
 }
 
-/// Collapse the result of [`guarded`] into a `PyResult`.
-pub fn finish<T>(py: Python<'_>, outcome: Result<Result<T, Error>, String>) -> PyResult<T> {
-    match outcome {
-        Ok(Ok(v)) => Ok(v),
-        Ok(Err(e)) => Err(to_py(py, e)),
-        Err(panic) => Err(fastadapter_error(
-            py,
-            "FastAdapterError",
-            format!("internal error in fastadapter's Rust core (please report): {panic}"),
-        )),
+/// Run `f` with the GIL released; its error becomes the Python exception of [`to_py`] and a panic
+/// in it the `FastAdapterError` of [`panic_error`].
+pub fn detached<T: Send>(
+    py: Python<'_>,
+    f: impl FnOnce() -> Result<T, Error> + Send,
+) -> PyResult<T> {
+    match py.detach(|| catch_unwind(AssertUnwindSafe(f))) {
+        Ok(outcome) => outcome.map_err(to_py),
+        Err(payload) => Err(panic_error(&*payload)),
     }
 }

@@ -9,7 +9,7 @@ use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
-use crate::errors::{finish, guarded};
+use crate::errors::detached;
 
 /// (source index, source offset, destination offset, length), all in bytes.
 type Range = (usize, usize, usize, usize);
@@ -81,16 +81,13 @@ pub fn copy_ranges(
         });
     }
     let total: usize = pieces.iter().map(|p| p.data.len()).sum();
-    let outcome = py.detach(|| {
-        guarded(|| {
-            let dest: &mut [u8] = match dst_span.1 {
-                0 => &mut [],
-                // SAFETY: `dst` is a writable export held until this function returns, and no source
-                // shares memory with it (checked above).
-                len => unsafe { std::slice::from_raw_parts_mut(dst_span.0 as *mut u8, len) },
-            };
-            gather(dest, &pieces).map(|()| total)
-        })
-    });
-    finish(py, outcome)
+    detached(py, || {
+        let dest: &mut [u8] = match dst_span.1 {
+            0 => &mut [],
+            // SAFETY: `dst` is a writable export held until this function returns, and no source
+            // shares memory with it (checked above).
+            len => unsafe { std::slice::from_raw_parts_mut(dst_span.0 as *mut u8, len) },
+        };
+        gather(dest, &pieces).map(|()| total)
+    })
 }

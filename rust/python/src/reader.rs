@@ -15,7 +15,7 @@ use pyo3::exceptions::PyBufferError;
 use pyo3::ffi;
 use pyo3::prelude::*;
 
-use crate::errors::{finish, guarded, to_py};
+use crate::errors::{detached, to_py};
 
 /// (name, dtype, shape, start, end): offsets are absolute byte positions in the file.
 type Record = (String, String, Vec<usize>, usize, usize);
@@ -66,7 +66,7 @@ impl Drop for SafetensorsFile {
 impl SafetensorsFile {
     #[new]
     fn open(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
-        let mut inner = finish(py, py.detach(|| guarded(|| CoreFile::open(&path))))?;
+        let mut inner = detached(py, || CoreFile::open(&path))?;
         let (base, len) = inner.raw_parts();
         Ok(Self {
             inner: Arc::new(inner),
@@ -149,16 +149,13 @@ impl SafetensorsFile {
     #[pyo3(signature = (prefix=None, pattern=None, renames=None))]
     fn select(
         &self,
-        py: Python<'_>,
         prefix: Option<String>,
         pattern: Option<&str>,
         renames: Option<Vec<(String, String)>>,
     ) -> PyResult<Vec<Record>> {
-        let selector = KeySelector::new(prefix, pattern, &renames.unwrap_or_default())
-            .map_err(|e| to_py(py, e))?;
-        let selected = selector
-            .apply(self.inner.entries())
-            .map_err(|e| to_py(py, e))?;
+        let selector =
+            KeySelector::new(prefix, pattern, &renames.unwrap_or_default()).map_err(to_py)?;
+        let selected = selector.apply(self.inner.entries()).map_err(to_py)?;
         Ok(selected.into_iter().map(|(n, e)| record(n, e)).collect())
     }
 
@@ -221,17 +218,16 @@ impl SafetensorsFile {
 #[pyfunction]
 #[pyo3(signature = (keys, prefix=None, pattern=None, renames=None))]
 pub fn select_keys(
-    py: Python<'_>,
     keys: Vec<String>,
     prefix: Option<String>,
     pattern: Option<&str>,
     renames: Option<Vec<(String, String)>>,
 ) -> PyResult<Vec<(String, String)>> {
-    let selector = KeySelector::new(prefix, pattern, &renames.unwrap_or_default())
-        .map_err(|e| to_py(py, e))?;
+    let selector =
+        KeySelector::new(prefix, pattern, &renames.unwrap_or_default()).map_err(to_py)?;
     let selected = selector
         .apply_names(keys.iter().map(String::as_str))
-        .map_err(|e| to_py(py, e))?;
+        .map_err(to_py)?;
     Ok(selected
         .into_iter()
         .map(|(i, name)| (keys[i].clone(), name))

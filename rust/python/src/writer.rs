@@ -15,7 +15,7 @@ use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
-use crate::errors::{finish, guarded, to_py};
+use crate::errors::{detached, to_py};
 
 /// A staged file: written to a hidden temp file beside its target, published by `commit()`.
 /// Dropping it (or `discard()`) removes the temp file.
@@ -52,7 +52,7 @@ impl PendingFile {
     fn commit(&mut self, py: Python<'_>) -> PyResult<()> {
         self.live()?;
         let pending = self.inner.take().expect("checked live above");
-        finish(py, py.detach(|| guarded(|| pending.commit())))
+        detached(py, || pending.commit())
     }
 
     /// Remove the temp file; the target is untouched. Idempotent.
@@ -71,12 +71,12 @@ impl PendingFile {
 /// A tensor as handed over by Python: (name, safetensors dtype, shape, C-contiguous buffer).
 type PyTensor<'py> = (String, String, Vec<usize>, Bound<'py, PyAny>);
 
-fn parse(py: Python<'_>, name: &str, dtype: &str) -> PyResult<safetensors_dtype::Dtype> {
+fn parse(name: &str, dtype: &str) -> PyResult<safetensors_dtype::Dtype> {
     parse_dtype(dtype).ok_or_else(|| {
-        to_py(
-            py,
-            Error::tensor(name, format!("unknown safetensors dtype {dtype:?}")),
-        )
+        to_py(Error::tensor(
+            name,
+            format!("unknown safetensors dtype {dtype:?}"),
+        ))
     })
 }
 
@@ -106,7 +106,7 @@ pub fn write_safetensors(
                 "tensor `{name}`: buffer is not C-contiguous"
             )));
         }
-        let dtype = parse(py, &name, &dtype)?;
+        let dtype = parse(&name, &dtype)?;
         specs.push((name, dtype, shape));
         buffers.push(buffer);
     }
@@ -130,10 +130,7 @@ pub fn write_safetensors(
         fsync,
         ..WriteOptions::default()
     };
-    let pending = finish(
-        py,
-        py.detach(|| guarded(|| core_write(&path, &refs, metadata, options))),
-    )?;
+    let pending = detached(py, || core_write(&path, &refs, metadata, options))?;
     drop(refs);
     drop(buffers);
     Ok(PendingFile::wrap(pending))
@@ -161,19 +158,14 @@ pub fn stage_bytes(
         return Err(PyValueError::new_err("data must be a C-contiguous buffer"));
     }
     let (ptr, len) = (buffer.buf_ptr() as usize, buffer.len_bytes());
-    let pending = finish(
-        py,
-        py.detach(|| {
-            guarded(|| {
-                let bytes: &[u8] = match len {
-                    0 => &[],
-                    // SAFETY: `buffer` (an export) pins the memory until this function returns.
-                    len => unsafe { std::slice::from_raw_parts(ptr as *const u8, len) },
-                };
-                core_stage_bytes(&path, bytes, fsync)
-            })
-        }),
-    )?;
+    let pending = detached(py, || {
+        let bytes: &[u8] = match len {
+            0 => &[],
+            // SAFETY: `buffer` (an export) pins the memory until this function returns.
+            len => unsafe { std::slice::from_raw_parts(ptr as *const u8, len) },
+        };
+        core_stage_bytes(&path, bytes, fsync)
+    })?;
     drop(buffer);
     Ok(PendingFile::wrap(pending))
 }
@@ -190,7 +182,7 @@ pub fn plan_header<'py>(
     let metas = tensors
         .into_iter()
         .map(|(name, dtype, shape, nbytes)| {
-            let dtype = parse(py, &name, &dtype)?;
+            let dtype = parse(&name, &dtype)?;
             Ok(TensorMeta {
                 name,
                 dtype,
@@ -199,7 +191,7 @@ pub fn plan_header<'py>(
             })
         })
         .collect::<PyResult<Vec<_>>>()?;
-    let layout = plan(&metas, metadata).map_err(|e| to_py(py, e))?;
+    let layout = plan(&metas, metadata).map_err(to_py)?;
     Ok((
         PyBytes::new(py, &layout.header),
         layout.offsets,
