@@ -109,11 +109,12 @@ def test_not_json(adapter_dir: Path) -> None:
     refused(tiny_llama(), adapter_dir, fastadapter.ConfigError, "not valid JSON")
 
 
-def test_adapter_name_already_present(adapter_dir: Path) -> None:
-    model = fastadapter.load(tiny_llama(), adapter_dir)
+def test_inject_refuses_an_adapter_name_already_present(adapter_dir: Path) -> None:
+    # (load into a present name replaces its weights in place: tests/test_load_existing.py)
+    model = fastadapter.load(tiny_llama(), adapter_dir, layers="fastadapter")
     before = snapshot(model)
     with pytest.raises(fastadapter.AdapterExistsError, match="'default'"):
-        fastadapter.load(model, adapter_dir)
+        fastadapter.inject(model, lora_config())
     assert isinstance(fastadapter.AdapterExistsError("x"), ValueError)
     state = snapshot(model)
     assert list(state[0]) == list(before[0])

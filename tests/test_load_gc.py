@@ -13,6 +13,7 @@ from peft import get_peft_model
 
 import fastadapter
 from fastadapter.layers import LoraLayer
+from peft.tuners.lora import LoraLayer as PeftLoraLayer
 from helpers import lora_config, tiny_llama
 
 
@@ -49,7 +50,7 @@ def test_the_built_layers_go_to_the_oldest_generation(saved: Path) -> None:
     # So the next allocations after a load do not pay a young-generation scan of them (16 ms after
     # 1024 layers). Left young, they would be in generation 0 or 1 here.
     model = fastadapter.load(tiny_llama(), saved)
-    layer = next(m for m in model.modules() if isinstance(m, LoraLayer))
+    layer = next(m for m in model.modules() if isinstance(m, (LoraLayer, PeftLoraLayer)))
     assert any(o is layer for o in gc.get_objects(generation=2))
     assert fastadapter.active_adapters(model) == ["default"]
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError, UnsupportedAdapterError
+from .names import ADAPTER_CONFIG, ALL_LINEAR, MODEL_CARD
 
-CONFIG_NAME = "adapter_config.json"
 
 # peft 0.21.2 `LoraConfig().to_dict()` (target_modules aside), the values every saved config starts from.
 DEFAULTS: dict[str, Any] = {
@@ -87,7 +87,6 @@ UNSUPPORTED = (
 TASK_TYPES = ("SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION")
 INIT_LORA_WEIGHTS = (True, False, "gaussian")
 BIAS_MODES = ("none", "all", "lora_only")
-ALL_LINEAR = "all-linear"
 
 
 class AdapterConfig:
@@ -294,14 +293,14 @@ def _check_regex(field: str, pattern: str, where: str, allow_all_linear: bool = 
 
 def read_config(adapter_dir: str) -> AdapterConfig:
     """Read and check `adapter_dir/adapter_config.json`."""
-    path = os.path.join(adapter_dir, CONFIG_NAME)
+    path = os.path.join(adapter_dir, ADAPTER_CONFIG)
     if not os.path.isdir(adapter_dir):
         raise FileNotFoundError(2, "adapter directory not found", adapter_dir)
     try:
         with open(path, encoding="utf-8") as f:
             raw = json.load(f)
     except FileNotFoundError:
-        raise FileNotFoundError(2, f"no {CONFIG_NAME} in the adapter directory", path) from None
+        raise FileNotFoundError(2, f"no {ADAPTER_CONFIG} in the adapter directory", path) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid JSON: {e}") from None
     return parse_config(raw, where=path)
@@ -370,7 +369,7 @@ def config_json(model: Any, config: AdapterConfig, *, converted_from_initial: bo
 def model_card(model: Any, save_directory: str) -> bytes:
     """A small model card of fastadapter's own (PEFT renders its card from the PeftModel); an existing
     README.md is kept as it is."""
-    existing = os.path.join(save_directory, "README.md")
+    existing = os.path.join(save_directory, MODEL_CARD)
     if os.path.isfile(existing):
         with open(existing, "rb") as f:
             return f.read()

@@ -20,8 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._config import ALL_LINEAR, AdapterConfig
+from ._config import AdapterConfig
 from .errors import TargetModuleError, UnsupportedAdapterError
+from .names import ALL_LINEAR
 from .layers import DoraMagnitude, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave, fast_linear, is_conv1d
 
 MIN_TARGET_MODULES_FOR_OPTIMIZATION = 20  # peft.utils.constants
@@ -134,11 +135,11 @@ def _is_pretrained_model(model: nn.Module) -> bool:
     return modeling is not None and isinstance(model, modeling.PreTrainedModel)
 
 
-def _resolve_all_linear(config: AdapterConfig, model: nn.Module) -> None:
+def _resolve_all_linear(config: AdapterConfig, model: nn.Module, layer_types: tuple[type, ...]) -> None:
     """peft's `_maybe_include_all_linear_layers`: every Linear / Conv1D except the output layer."""
     names = set()
     for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) or is_conv1d(module) or isinstance(module, LoraLinear):
+        if isinstance(module, nn.Linear) or is_conv1d(module) or _wraps_linear(module, layer_types):
             names.add(name)
     exclude = set()
     if _is_pretrained_model(model):
@@ -152,9 +153,16 @@ def _resolve_all_linear(config: AdapterConfig, model: nn.Module) -> None:
                     exclude.add(next(n for n, m in model.named_modules() if m is head))
                     break
     for prefix, module in model.named_modules():
-        if isinstance(module, LoraLayer):
+        if isinstance(module, layer_types):
             exclude.update(f"{prefix}.{suffix}" for suffix, _ in module.named_modules() if suffix)
     config.target_modules = names - exclude
+
+
+def _wraps_linear(module: nn.Module, layer_types: tuple[type, ...]) -> bool:
+    if not isinstance(module, layer_types):
+        return False
+    base = module.base_layer
+    return isinstance(base, nn.Linear) or is_conv1d(base)
 
 
 def _minimal_target_modules(targets: set[str], others: list[str]) -> set[str]:
@@ -186,19 +194,27 @@ def _kind(base: Any) -> str | None:
     return None
 
 
-def plan(model: nn.Module, config: AdapterConfig, adapter_name: str) -> Plan:
+def plan(
+    model: nn.Module,
+    config: AdapterConfig,
+    adapter_name: str,
+    *,
+    layer_types: tuple[type, ...] = (LoraLayer,),
+    wrapper_types: tuple[type, ...] = (ModulesToSave,),
+) -> Plan:
     """Decide what to adapt, checking everything; `config` may be rewritten as PEFT rewrites it (all-linear,
-    long target lists, fan_in_fan_out)."""
+    long target lists, fan_in_fan_out). `layer_types` / `wrapper_types`: the LoRA layers and
+    modules_to_save wrappers the model may hold already (fastadapter's, or PEFT's)."""
     named = list(model.named_modules())
     by_path = dict(named)
-    lora_prefixes = [k + "." for k, m in named if isinstance(m, LoraLayer)]
+    lora_prefixes = [k + "." for k, m in named if isinstance(m, layer_types)]
     result = Plan(
         config,
-        first_injection=not lora_prefixes and not any(isinstance(m, ModulesToSave) for _, m in named),
+        first_injection=not lora_prefixes and not any(isinstance(m, wrapper_types) for _, m in named),
         modules=[m for _, m in named],
     )
     if isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR:
-        _resolve_all_linear(config, model)
+        _resolve_all_linear(config, model, layer_types)
     target = config.target_modules
     if isinstance(target, set) and len(target) >= MIN_TARGET_MODULES_FOR_OPTIMIZATION:
         keys = [k for k, _ in named]
@@ -219,14 +235,14 @@ def plan(model: nn.Module, config: AdapterConfig, adapter_name: str) -> Plan:
             else:
                 unmatched += 1
             continue
-        base = module.base_layer if isinstance(module, LoraLayer) else module
+        base = module.base_layer if isinstance(module, layer_types) else module
         kind = _kind(base)
         if kind is None:
             raise TargetModuleError(
                 f"target module `{key}` is a {type(base).__name__}; fastadapter adapts nn.Linear, "
                 "transformers Conv1D and nn.Embedding"
             )
-        if isinstance(module, LoraLayer) and adapter_name in module.r:
+        if isinstance(module, layer_types) and adapter_name in module.r:
             raise TargetModuleError(f"module `{key}` already holds an adapter named {adapter_name!r}")
         if kind == "embedding" and config.use_dora:
             raise UnsupportedAdapterError(
@@ -263,12 +279,12 @@ def plan(model: nn.Module, config: AdapterConfig, adapter_name: str) -> Plan:
                 continue
             parent, child = get_submodule_parent(model, key)
             target_module = parent.get_submodule(child)
-            if isinstance(target_module, ModulesToSave):
+            if isinstance(target_module, wrapper_types):
                 if adapter_name in target_module.modules_to_save._modules:
                     raise TargetModuleError(f"`{key}` already holds a copy for adapter {adapter_name!r}")
             elif any(key.startswith(p) for p in lora_prefixes) or any(
                 key.startswith(f"{p}original_module") or key.startswith(f"{p}modules_to_save")
-                for p in (k + "." for k, m in named if isinstance(m, ModulesToSave))
+                for p in (k + "." for k, m in named if isinstance(m, wrapper_types))
             ):
                 continue
             result.save_targets.append((key, parent, child, target_module))

@@ -23,6 +23,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .names import ALL_LINEAR
+
 _SKIPPED_ATTRS = ("base_layer", "model")
 
 
@@ -125,12 +127,11 @@ def _walk(model: nn.Module) -> Iterator[tuple[str, nn.Module, int]]:
 
 # peft.utils.constants
 EMBEDDING_LAYER_NAMES = ["embed_tokens", "lm_head"]
-INCLUDE_LINEAR_LAYERS_SHORTHAND = "all-linear"
 
 
 def embedding_is_targeted(model: Any, config: Any) -> bool:
     target_modules = getattr(config, "target_modules", None)
-    if isinstance(target_modules, str) and target_modules != INCLUDE_LINEAR_LAYERS_SHORTHAND:
+    if isinstance(target_modules, str) and target_modules != ALL_LINEAR:
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         # PEFT tests `re.match(rf"(.*\.)?{e}$", k)` for every module; the names hold no regex syntax, so a
         # suffix test says the same at a fraction of the cost (~20 ms on 11k modules otherwise).

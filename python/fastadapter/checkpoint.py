@@ -35,6 +35,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from . import _core
+from .names import ADAPTER_WEIGHTS, MODEL_WEIGHTS, SAFETENSORS_INDEX
 
 # torch (and so _snapshot) is imported when a Checkpointer is made, not here: `import fastadapter`
 # must stay torch-free for the conversion API and CLI.
@@ -47,9 +48,6 @@ if TYPE_CHECKING:
 __all__ = ["Checkpointer"]
 
 META_NAME = "fastadapter_checkpoint.json"
-MODEL_NAME = "model.safetensors"
-INDEX_NAME = "model.safetensors.index.json"
-ADAPTER_NAME = "adapter_model.safetensors"
 FORMAT = "fastadapter-checkpoint"
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
@@ -178,12 +176,12 @@ class Checkpointer:
     ]:
         from torch import nn
 
-        from ._config import adapter_state
+        from .hosts import host_for
 
         pt = {"format": "pt"}
         big: list[tuple[str, Mapping[str, torch.Tensor], Mapping[str, str] | None]] = []
         small: list[tuple[str, bytes]] = []
-        if isinstance(obj, nn.Module) and _has_adapters(obj, adapter_state):
+        if isinstance(obj, nn.Module) and host_for(obj).configs():
             if per_rank:
                 raise ValueError("per_rank=True is for full state dicts; adapters are saved by rank 0")
             from .save import adapter_files
@@ -213,7 +211,7 @@ class Checkpointer:
             meta["aliases"] = aliases
         shards, index = shard(unique, self.max_shard_size, total_parameters)
         if index is not None:
-            small.append((INDEX_NAME, index))
+            small.append((SAFETENSORS_INDEX, index))
         return [(name, tensors, pt) for name, tensors in shards], small
 
     def _acquire(self) -> SnapshotBuffer:
@@ -388,7 +386,7 @@ def shard(
     if current or not shards:
         shards.append(current)
     if len(shards) == 1:
-        return [(MODEL_NAME, shards[0])], None
+        return [(MODEL_WEIGHTS, shards[0])], None
     n = len(shards)
     named = [(f"model-{i + 1:05d}-of-{n:05d}.safetensors", s) for i, s in enumerate(shards)]
     metadata: dict[str, int] = {"total_size": total}
@@ -423,15 +421,6 @@ def _rank_info(rank: int | None, world_size: int | None) -> tuple[int, int]:
     return (r if rank is None else rank), (w if world_size is None else world_size)
 
 
-def _has_adapters(model: Any, adapter_state: Any) -> bool:
-    if adapter_state(model) is not None:
-        return True
-    import sys
-
-    peft = sys.modules.get("peft")
-    return peft is not None and isinstance(model, peft.PeftModel)
-
-
 def _read_meta(directory: str) -> dict[str, Any]:
     try:
         with open(os.path.join(directory, META_NAME), encoding="utf-8") as f:
@@ -442,19 +431,19 @@ def _read_meta(directory: str) -> dict[str, Any]:
 
 
 def _is_adapter_dir(directory: str) -> bool:
-    return os.path.isfile(os.path.join(directory, ADAPTER_NAME))
+    return os.path.isfile(os.path.join(directory, ADAPTER_WEIGHTS))
 
 
 def _load_full(directory: str, meta: dict[str, Any]) -> dict[str, torch.Tensor]:
     from ._tensors import load_safetensors
 
-    index_path = os.path.join(directory, INDEX_NAME)
+    index_path = os.path.join(directory, SAFETENSORS_INDEX)
     if os.path.isfile(index_path):
         with open(index_path, encoding="utf-8") as f:
             weight_map: dict[str, str] = json.load(f)["weight_map"]
         files = list(dict.fromkeys(weight_map.values()))
     else:
-        weight_map, files = {}, [MODEL_NAME]
+        weight_map, files = {}, [MODEL_WEIGHTS]
     state: dict[str, torch.Tensor] = {}
     for name in files:
         state.update(load_safetensors(os.path.join(directory, name)))
@@ -472,49 +461,11 @@ def _load_adapter(directory: str, model: nn.Module | None, adapter_name: str) ->
     from ._tensors import load_safetensors
 
     sub = directory if adapter_name == "default" else os.path.join(directory, adapter_name)
-    state = load_safetensors(os.path.join(sub, ADAPTER_NAME))
+    state = load_safetensors(os.path.join(sub, ADAPTER_WEIGHTS))
     if model is None:
         return state
-    from ._config import adapter_state
+    from .adapters import load
 
-    configs = getattr(model, "peft_config", None)
-    injected = adapter_state(model)
-    if injected is not None:
-        configs = injected.configs
-    if configs is None or adapter_name not in configs:
-        from .load import load
-
-        load(model, sub, adapter_name=adapter_name, is_trainable=True)
-        return state
-    _copy_into_adapter(model, adapter_name, state, sub)
+    # A new adapter is added (trainable, to resume training); an existing one takes the weights in place.
+    load(model, sub, adapter_name=adapter_name, is_trainable=True)
     return state
-
-
-def _copy_into_adapter(model: Any, name: str, state: dict[str, torch.Tensor], where: str) -> None:
-    """Load an adapter's saved tensors into the model's existing adapter, in place (values only)."""
-    import torch
-
-    from ._config import adapter_state
-    from ._peft_state import lora_state_dict
-    from .errors import MissingTensorError, TensorError
-
-    injected = adapter_state(model)
-    if injected is not None:
-        live = lora_state_dict(model, name, True, configs=injected.configs, prefix="base_model.model.")
-    else:
-        live = lora_state_dict(model, name, True)
-    unknown = [k for k in state if k not in live]
-    if unknown:
-        raise MissingTensorError(f"{where}: the model's adapter `{name}` has no tensor {unknown[0]!r}")
-    missing = [k for k in live if k not in state and (".lora_A" in k or ".lora_B" in k)]
-    if missing:
-        raise MissingTensorError(f"{where}: no tensor {missing[0]!r} for the model's adapter `{name}`")
-    with torch.no_grad():
-        for key, value in state.items():
-            target = live[key]
-            if target.shape != value.shape:
-                raise TensorError(
-                    f"{where}: tensor `{key}` has shape {tuple(value.shape)}, "
-                    f"the model's has {tuple(target.shape)}"
-                )
-            target.copy_(value)

@@ -17,13 +17,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from . import _core
+from .names import BIN_INDEX, SAFETENSORS_INDEX
 
 __all__ = ["Conversion", "ConvertReport", "convert", "convert_dir", "default_destination"]
 
 _SHARD = re.compile(r"pytorch_model-(\d+)-of-(\d+)\.bin")
 _SUFFIXES = (".bin", ".pt", ".pth")
-INDEX_NAME = "pytorch_model.bin.index.json"
-SAFE_INDEX_NAME = "model.safetensors.index.json"
 
 
 def default_destination(src: str | os.PathLike[str]) -> str:
@@ -208,8 +207,8 @@ def _convert_indexes(report: ConvertReport, directories: set[str], overwrite: bo
     directory or `overwrite` is set."""
     changed = {os.path.dirname(c.src) for c in report.converted}
     for directory in sorted(directories):
-        index_path = os.path.join(directory, INDEX_NAME)
-        safe_index = os.path.join(directory, SAFE_INDEX_NAME)
+        index_path = os.path.join(directory, BIN_INDEX)
+        safe_index = os.path.join(directory, SAFETENSORS_INDEX)
         if not os.path.isfile(index_path):
             continue
         if os.path.exists(safe_index) and directory not in changed and not overwrite:

@@ -10,15 +10,14 @@ exactly as they were.
 from __future__ import annotations
 
 import os
-import sys
 import threading
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import _core
-from ._config import adapter_state
-from ._staging import FileSet, StagedByCallback
-from .errors import AdapterNotFoundError, NotADirectoryPathError
+from ._fileset import FileSet, StagedByCallback
+from .errors import NotADirectoryPathError
+from .names import ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN
 
 # torch is imported where it is used, not here: `import fastadapter` (and the torch-free conversion
 # path, `fastadapter.convert` and the CLI) must not pay for or require it.
@@ -26,11 +25,9 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-__all__ = ["adapter_files", "save"]
+    from .hosts import AdapterHost
 
-SAFETENSORS_WEIGHTS_NAME = "adapter_model.safetensors"
-WEIGHTS_NAME = "adapter_model.bin"
-CONFIG_NAME = "adapter_config.json"
+__all__ = ["adapter_files", "save"]
 
 
 def save(
@@ -47,11 +44,12 @@ def save(
 ) -> None:
     """Save the adapters of `model` to `save_directory` exactly as `model.save_pretrained` would.
 
-    `model` is a `peft.PeftModel`, or a model whose adapters fastadapter injected (`fastadapter.load` /
-    `fastadapter.inject`, no peft needed; its model card is fastadapter's own). Writes
-    `adapter_model.safetensors` (byte-identical to PEFT's), `adapter_config.json` and a `README.md`
-    model card; adapters other than "default" go to `save_directory/<name>/`. Arguments are
-    PEFT's, with the same meaning; `save_embedding_layers="auto"` is decided without the network.
+    `model` is a `peft.PeftModel` (files as `PeftModel.save_pretrained`: every adapter, "default" at the
+    top and the others in `save_directory/<name>/`, PEFT's model card), a transformers model with
+    adapters through its own integration (as its `save_pretrained`: the active adapter at the top, its
+    generation config, no card), or a model fastadapter injected (no peft needed; fastadapter's own card).
+    `adapter_model.safetensors` is byte-identical to the host's own. Arguments are PEFT's, with the same
+    meaning; `save_embedding_layers="auto"` is decided without the network.
     `fsync=True` also makes the files durable (file and directory fsync) before returning.
     `kwargs["state_dict"]` is honoured as in PEFT; other keyword arguments (PEFT passes them to the Hub)
     are ignored.
@@ -97,19 +95,21 @@ def adapter_files(
     state_dict: dict[str, torch.Tensor] | None = None,
     path_initial_model_for_weight_conversion: str | os.PathLike[str] | None = None,
 ) -> Iterator[PlannedFile]:
-    """The files `save` writes for `model`, in PEFT's order, without writing anything: README.md, then
-    for each adapter its weights and its adapter_config.json (under `<name>/` unless it is "default").
-    `fastadapter.save` stages them; the Checkpointer snapshots them. Consume it fully: PEFT's side
-    effects (filling the config's base_model_name_or_path) happen as the files are produced, and on
-    non-main processes it still computes every state dict (a collective for sharded models) but
-    yields no file. The model and `selected_adapters` are checked before this returns."""
-    configs = _peft_configs(model)
-    names = _selected(configs, selected_adapters)
+    """The files `save` writes for `model`, as its host's own `save_pretrained` writes them, without
+    writing anything: the side files (PEFT's model card, transformers' generation config), then for each
+    adapter its weights and its adapter_config.json. `fastadapter.save` stages them; the Checkpointer
+    snapshots them. Consume it fully: the host's side effects (PEFT fills the config's
+    base_model_name_or_path) happen as the files are produced, and on non-main processes it still
+    computes every state dict (a collective for sharded models) but yields no file. The model and
+    `selected_adapters` are checked before this returns."""
+    from .hosts import host_for
+
+    host = host_for(model)
+    layout = host.save_layout(selected_adapters)
     return _adapter_files(
-        model,
+        host,
         save_directory,
-        configs,
-        names,
+        layout,
         save_embedding_layers,
         is_main_process,
         state_dict,
@@ -118,111 +118,42 @@ def adapter_files(
 
 
 def _adapter_files(
-    model: nn.Module,
+    host: AdapterHost,
     save_directory: str,
-    configs: dict[str, Any],
-    names: list[str],
+    layout: list[tuple[str, str]],
     save_embedding_layers: bool | str,
     is_main_process: bool,
     state_dict: dict[str, torch.Tensor] | None,
     path_initial_model_for_weight_conversion: str | os.PathLike[str] | None,
 ) -> Iterator[PlannedFile]:
-    # Config and card: fastadapter's own for models it injected (no PeftModel, maybe no peft), PEFT's
-    # otherwise. Both modules offer base_model_name_or_path, config_json and model_card.
-    from . import _config, _peft_files
     from ._peft_state import resolve_save_embedding_layers
 
-    meta: Any = _config if adapter_state(model) is not None else _peft_files
     if is_main_process:
-        yield "README.md", meta.model_card(model, save_directory)
-    for name in names:
+        yield from host.side_files(save_directory)
+    configs = host.configs()
+    for name, subdir in layout:
         config = configs[name]
-        embeddings = resolve_save_embedding_layers(model, config, save_embedding_layers)
-        weights = _adapter_state_dict(model, name, embeddings, state_dict)
-        subdir = name if name != "default" else ""
+        embeddings = resolve_save_embedding_layers(host.model, config, save_embedding_layers)
+        weights = host.adapter_state_dict(name, embeddings, state_dict)
         if not is_main_process:
             os.makedirs(os.path.join(save_directory, subdir), exist_ok=True)  # as PEFT does on every rank
             continue
         converting = path_initial_model_for_weight_conversion is not None
         if converting:
-            from ._conversion import check_convertible, subtract_initial
+            from ._initial_conversion import check_convertible, subtract_initial
 
             check_convertible(config)
             initial = os.fspath(path_initial_model_for_weight_conversion)  # type: ignore[arg-type]
             weights = subtract_initial(weights, initial)
-        yield os.path.join(subdir, SAFETENSORS_WEIGHTS_NAME), weights
+        yield os.path.join(subdir, ADAPTER_WEIGHTS), weights
 
         # PEFT fills an unset base_model_name_or_path on the model's own config (not on the copy it
         # saves when converting); later saves, and their "auto" embedding decision, see it.
-        filled = meta.base_model_name_or_path(model, config)
+        filled = host.base_model_name_or_path(config)
         if not converting:
             config.base_model_name_or_path = filled
         saved = config if not converting else _with_base(config, filled)
-        yield (
-            os.path.join(subdir, CONFIG_NAME),
-            meta.config_json(model, saved, converted_from_initial=converting),
-        )
-
-
-def _peft_configs(model: nn.Module) -> dict[str, Any]:
-    state = adapter_state(model)
-    if state is not None:
-        if not state.configs:
-            raise AdapterNotFoundError(f"{type(model).__name__} has no adapter to save")
-        return dict(state.configs)
-    peft = sys.modules.get("peft")  # a PeftModel exists only if peft was imported
-    if peft is None or not isinstance(model, peft.PeftModel):
-        raise AdapterNotFoundError(
-            f"{type(model).__name__} has no PEFT adapter: fastadapter.save expects a peft.PeftModel "
-            "(get_peft_model / PeftModel.from_pretrained)"
-        )
-    configs: dict[str, Any] = dict(model.peft_config)
-    if not configs:
-        raise AdapterNotFoundError(f"{type(model).__name__} has no adapter to save")
-    return configs
-
-
-def _selected(configs: dict[str, Any], selected: Sequence[str] | None) -> list[str]:
-    if selected is None:
-        return list(configs)
-    if isinstance(selected, str):
-        selected = [selected]
-    unknown = [name for name in selected if name not in configs]
-    if unknown:
-        raise AdapterNotFoundError(
-            f"unknown adapter(s) {unknown} in selected_adapters; the model has {list(configs)}"
-        )
-    return list(selected)
-
-
-def _adapter_state_dict(
-    model: Any, name: str, save_embeddings: bool, state_dict: dict[str, torch.Tensor] | None
-) -> dict[str, torch.Tensor]:
-    state = adapter_state(model)
-    if state is not None:
-        if state_dict is not None:
-            raise TypeError("state_dict=... is only supported when saving a peft.PeftModel")
-        from ._peft_state import lora_state_dict
-
-        return lora_state_dict(
-            model, name, save_embeddings, configs=state.configs, prefix="base_model.model."
-        )
-    import torch
-
-    config = model.peft_config[name]
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    if state_dict is not None or distributed or config.peft_type != "LORA":
-        # Caller-provided state dicts, sharded models (their state_dict is a collective) and non-LoRA
-        # methods take PEFT's own selection; the bytes are still written by fastadapter.
-        from peft.utils.save_and_load import get_peft_model_state_dict
-
-        selected: dict[str, torch.Tensor] = get_peft_model_state_dict(
-            model, state_dict=state_dict, adapter_name=name, save_embedding_layers=save_embeddings
-        )
-        return selected
-    from ._peft_state import lora_state_dict
-
-    return lora_state_dict(model, name, save_embeddings)
+        yield os.path.join(subdir, ADAPTER_CONFIG), host.config_json(saved, converted_from_initial=converting)
 
 
 # Device types whose tensors are packed into a pinned snapshot buffer (asynchronous copies on a side
@@ -258,7 +189,7 @@ def _stage_packed(files: FileSet, target: str, state_dict: dict[str, torch.Tenso
 def _stage_bin(files: FileSet, safetensors_target: str, state_dict: dict[str, torch.Tensor]) -> None:
     import torch
 
-    target = os.path.join(os.path.dirname(safetensors_target), WEIGHTS_NAME)
+    target = os.path.join(os.path.dirname(safetensors_target), ADAPTER_WEIGHTS_BIN)
     files.add(StagedByCallback(target, lambda path: torch.save(state_dict, path)))
 
 

@@ -9,6 +9,8 @@ straight from its file instead of being loaded into the model as a temporary ada
 
 from __future__ import annotations
 
+from .names import ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN
+
 import os
 import warnings
 from typing import Any
@@ -36,15 +38,15 @@ def check_convertible(config: Any) -> None:
 
 
 def _read_initial(path: str) -> dict[str, torch.Tensor]:
-    st = os.path.join(path, "adapter_model.safetensors")
+    st = os.path.join(path, ADAPTER_WEIGHTS)
     if os.path.isfile(st):
         return load_safetensors(st)
-    bin_path = os.path.join(path, "adapter_model.bin")
+    bin_path = os.path.join(path, ADAPTER_WEIGHTS_BIN)
     if os.path.isfile(bin_path):
         loaded: dict[str, torch.Tensor] = torch.load(bin_path, map_location="cpu", weights_only=True)
         return loaded
     raise FileNotFoundError(
-        2, "no adapter_model.safetensors or adapter_model.bin in the initial adapter directory", path
+        2, f"no {ADAPTER_WEIGHTS} or {ADAPTER_WEIGHTS_BIN} in the initial adapter directory", path
     )
 
 

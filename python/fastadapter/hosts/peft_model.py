@@ -1,0 +1,94 @@
+"""A `peft.PeftModel`: PEFT's own layers under `model.base_model` (a LoraModel), PEFT's files and card."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .. import _peft_files
+from .._peft_state import lora_state_dict
+from ..names import MODEL_CARD
+from .peft_hosted import PeftLayersHost
+
+
+class PeftHost(PeftLayersHost):
+    kind: ClassVar[str] = "peft"
+
+    @property
+    def peft_model(self) -> Any:
+        return self.model
+
+    def tuned_model(self) -> nn.Module:
+        tuned: nn.Module = self.peft_model.base_model.model
+        return tuned
+
+    def configs(self) -> dict[str, Any]:
+        configs: dict[str, Any] = self.peft_model.peft_config
+        return configs
+
+    def active_adapters(self) -> list[str]:
+        return list(self.peft_model.active_adapters)
+
+    # --- saving -----------------------------------------------------------------------------------------
+
+    def adapter_state_dict(
+        self, name: str, save_embeddings: bool, state_dict: dict[str, torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        config = self.configs()[name]
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        if state_dict is not None or distributed or config.peft_type != "LORA":
+            # Caller-provided state dicts, sharded models (their state_dict is a collective) and non-LoRA
+            # methods take PEFT's own selection; the bytes are still written by fastadapter.
+            from peft.utils.save_and_load import get_peft_model_state_dict
+
+            selected: dict[str, torch.Tensor] = get_peft_model_state_dict(
+                self.model, state_dict=state_dict, adapter_name=name, save_embedding_layers=save_embeddings
+            )
+            return selected
+        return lora_state_dict(self.model, name, save_embeddings)
+
+    def config_json(self, config: Any, *, converted_from_initial: bool = False) -> bytes:
+        return _peft_files.config_json(self.model, config, converted_from_initial=converted_from_initial)
+
+    def base_model_name_or_path(self, config: Any) -> str | None:
+        return _peft_files.base_model_name_or_path(self.model, config)
+
+    def side_files(self, save_directory: str) -> list[tuple[str, bytes]]:
+        return [(MODEL_CARD, _peft_files.model_card(self.model, save_directory))]
+
+    # --- loading ----------------------------------------------------------------------------------------
+
+    def after_injection(self, name: str, config: Any, targets: list[str], *, is_trainable: bool) -> None:
+        tuner = self.peft_model.base_model
+        known = set(tuner.targeted_module_names)
+        tuner.targeted_module_names.extend(t for t in targets if t not in known)
+
+    def inject_empty(self, name: str, config: Any) -> None:
+        self.peft_model.add_adapter(name, config, low_cpu_mem_usage=True)
+
+    def activate_loaded(self, name: str, *, is_trainable: bool) -> None:
+        # fastadapter.load activates what it loaded; `PeftModel.load_adapter` ends in eval() unless trainable.
+        self.peft_model.set_adapter(name, inference_mode=not is_trainable)
+        if not is_trainable:
+            self.peft_model.eval()
+
+    # --- managing ---------------------------------------------------------------------------------------
+
+    def set_adapter(self, names: str | Sequence[str]) -> None:
+        if not isinstance(names, str):
+            raise TypeError("a PeftModel activates one adapter at a time: pass its name")
+        self.peft_model.set_adapter(names)
+
+    def delete_adapter(self, name: str) -> None:
+        self.peft_model.delete_adapter(name)
+
+    def unload(self) -> nn.Module:
+        base: nn.Module = self.peft_model.unload()
+        return base
+
+    def merge_and_unload(self, adapter_names: Sequence[str] | None = None) -> nn.Module:
+        merged: nn.Module = self.peft_model.merge_and_unload(adapter_names=adapter_names)
+        return merged
