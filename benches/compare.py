@@ -4,6 +4,7 @@ Usage: python benches/compare.py .benchmarks/latest.json
 
 Only ratios within one run mean anything on a noisy machine, so there are no stored baselines. A
 contender's rounds from all its interleaved blocks are pooled before taking the median and minimum.
+Memory results (bench_load_memory.py: `kind: memory` in extra_info, no timing) get their own table.
 """
 
 from __future__ import annotations
@@ -32,15 +33,22 @@ CEILINGS = (
     "torch_copy",
     "page_cache_write",
 )
+# fastadapter loading into another host's model -> that host's own loader of the same adapter. Its time
+# against plain fastadapter's is the cost of the host's layers (target: at most HOST_TARGET).
+HOSTS = {"fastadapter_peft": "peft_load_adapter", "fastadapter_transformers": "transformers_load_adapter"}
+HOST_TARGET = 1.5
 ORDER = (
     "fastadapter",
     "fastadapter_noverify",
     "fastadapter_fsync",
     "fastadapter_sync",
     "fastadapter_per_tensor",
+    "fastadapter_peft",
+    "fastadapter_transformers",
     "peft",
     "peft_low_cpu_mem",
     "peft_load_adapter",
+    "transformers_load_adapter",
     "safetensors",
     "torch_save",
     "raw_write",
@@ -91,6 +99,8 @@ def load(path: str) -> tuple[dict[str, Any], dict[str, list[Result]]]:
     groups: dict[str, dict[str, Result]] = {}
     for bench in data["benchmarks"]:
         info = bench.get("extra_info", {})
+        if info.get("kind") == "memory":
+            continue  # memory_results
         contender = info.get("contender", bench["name"])
         # "data" holds each round; fall back to the median for JSON written without it.
         times = bench["stats"].get("data") or [bench["stats"]["median"]]
@@ -116,6 +126,61 @@ def load(path: str) -> tuple[dict[str, Any], dict[str, list[Result]]]:
     }
 
 
+@dataclass
+class Memory:
+    contender: str
+    workers: int
+    pss_growth_mb: list[float]  # one per worker, all read while every worker held the adapter
+
+    @property
+    def mean_mb(self) -> float:
+        return statistics.mean(self.pss_growth_mb)
+
+
+def memory_results(data: dict[str, Any]) -> dict[str, tuple[dict[str, Any], list[Memory]]]:
+    """group -> (extra_info of its first result, for the adapter's size; its results)."""
+    groups: dict[str, tuple[dict[str, Any], list[Memory]]] = {}
+    for bench in data["benchmarks"]:
+        info = bench.get("extra_info", {})
+        if info.get("kind") != "memory":
+            continue
+        _, results = groups.setdefault(bench.get("group") or "memory", (info, []))
+        growth = [float(x) for x in info["pss_growth_mb"]]
+        results.append(Memory(str(info["contender"]), int(info["workers"]), growth))
+    return groups
+
+
+def memory_table(group: str, info: dict[str, Any], results: list[Memory]) -> str:
+    rank = {name: i for i, name in enumerate(ORDER)}
+    contenders = sorted({r.contender for r in results}, key=lambda c: (rank.get(c, len(ORDER)), c))
+    workers = sorted({r.workers for r in results})
+    cell = {(r.contender, r.workers): r.mean_mb for r in results}
+    lines = [
+        f"### {group}: {int(info.get('bytes', 0)) / 1e6:.0f} MB, {info.get('tensors', '?')} tensors, "
+        "mean PSS growth per worker (MB) while all N workers hold the same adapter",
+        "",
+        "| contender | "
+        + " | ".join(f"{n} worker{'s' if n > 1 else ''}" for n in workers)
+        + " | "
+        + " | ".join(f"vs fastadapter ({n})" for n in workers)
+        + " |",
+        "|---|" + "---:|" * (2 * len(workers)),
+    ]
+    for c in contenders:
+        sizes = [_mb(cell.get((c, n))) for n in workers]
+        ratios = [_ratio(cell.get((c, n)), cell.get((OURS, n))) for n in workers]
+        lines.append(f"| {c} | " + " | ".join(sizes) + " | " + " | ".join(ratios) + " |")
+    lines.append("")
+    lines.append("vs fastadapter = contender's growth / fastadapter's (>1: the contender needs more memory)")
+    return "\n".join(lines)
+
+
+def _ratio(value: float | None, reference: float | None) -> str:
+    if value is None or reference is None or reference <= 0:
+        return "n/a"
+    return f"{value / reference:.2f}x"
+
+
 def machine_line(data: dict[str, Any]) -> str:
     info = data.get("machine_info", {})
     packages = info.get("packages", {})
@@ -131,22 +196,35 @@ def table(group: str, results: list[Result]) -> str:
     ours = next((r for r in results if r.contender == OURS), None)
     first = results[0]
     memory = any(r.anon_peak_mb is not None for r in results)  # only conversions record it
+    by_name = {r.contender: r for r in results}
+    hosts = any(c in by_name for c in HOSTS)  # loads into PEFT / transformers models
     on = f", {first.device}" if first.device else ""
     lines = [
         f"### {group}: {first.nbytes / 1e6:.0f} MB, {first.tensors} tensors{on}",
         "",
         "| contender | rounds | median (ms) | min (ms) | GB/s | fastadapter speedup |"
-        + (" peak anon growth (MB) | peak mapped file (MB) |" if memory else ""),
-        "|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if memory else ""),
+        + (" peak anon growth (MB) | peak mapped file (MB) |" if memory else "")
+        + (
+            f" host / fastadapter (target ≤ {HOST_TARGET}x) | speedup vs host's own loader |" if hosts else ""
+        ),
+        "|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if memory else "") + ("---:|---:|" if hosts else ""),
     ]
     for r in results:
         speedup = f"{r.median_s / ours.median_s:.2f}x" if ours is not None else "n/a"
         extra = f" {_mb(r.anon_peak_mb)} | {_mb(r.file_peak_mb)} |" if memory else ""
+        if hosts:
+            extra += f" {_host_cost(r, ours)} | {_host_speedup(r, by_name)} |"
         lines.append(
             f"| {r.contender} | {len(r.times_s)} | {r.median_s * 1e3:.1f} | {r.min_s * 1e3:.1f} "
             f"| {r.gbps:.2f} | {speedup} |{extra}"
         )
     lines.append("")
+    if hosts:
+        lines.append(
+            "host / fastadapter: fastadapter loading into a PeftModel / transformers model (PEFT's layers) "
+            "against into the plain model (its own layers); speedup vs host's own loader: "
+            + ", ".join(f"{peer} / {c}" for c, peer in HOSTS.items())
+        )
     background = [b for r in results for b in r.background]
     if background:
         lines.append(
@@ -163,6 +241,18 @@ def table(group: str, results: list[Result]) -> str:
     return "\n".join(lines)
 
 
+def _host_cost(r: Result, ours: Result | None) -> str:
+    if r.contender not in HOSTS or ours is None:
+        return ""
+    ratio = r.median_s / ours.median_s
+    return f"{ratio:.2f}x" + (" (over target)" if ratio > HOST_TARGET else "")
+
+
+def _host_speedup(r: Result, by_name: dict[str, Result]) -> str:
+    peer = by_name.get(HOSTS.get(r.contender, ""))
+    return f"{peer.median_s / r.median_s:.2f}x" if peer is not None else ""
+
+
 def _mb(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.0f}"
 
@@ -177,6 +267,9 @@ def main(argv: list[str]) -> int:
     for group, results in groups.items():
         print()
         print(table(group, results))
+    for group, (info, memory) in memory_results(data).items():
+        print()
+        print(memory_table(group, info, memory))
     return 0
 
 

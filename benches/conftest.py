@@ -25,9 +25,13 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
 from torch import nn
+from transformers import PretrainedConfig, PreTrainedModel
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
 LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# FASTADAPTER_BENCH_QUICK=1: one round per contender and no warm-up round, fewer worker counts in the
+# memory benchmark. For smoke runs of the benchmark code only: the figures mean nothing.
+QUICK = os.environ.get("FASTADAPTER_BENCH_QUICK") == "1"
 
 
 def pytest_collect_file(parent: pytest.Collector, file_path: Path) -> pytest.Module | None:
@@ -44,7 +48,7 @@ def pytest_benchmark_update_machine_info(config: pytest.Config, machine_info: di
     # Recorded in the JSON so that compare.py describes the run that produced it, not the machine it runs on.
     machine_info["cpu_model"] = _cpu_model()
     machine_info["cpu_count"] = os.cpu_count()
-    packages = ("fastadapter", "torch", "peft", "safetensors")
+    packages = ("fastadapter", "torch", "peft", "transformers", "safetensors")
     machine_info["packages"] = {name: _version(name) for name in packages}
 
 
@@ -166,6 +170,49 @@ class ManyLinears(nn.Module):
         self.layers = nn.ModuleList(uninitialised_linear(width, width) for _ in range(count))
 
 
+class BenchConfig(PretrainedConfig):
+    """The transformers config of `BenchModel`: which body (`"llama"`: LlamaShaped, `"many"`: ManyLinears)
+    and its constructor's keyword arguments (default: the benchmark's sizes)."""
+
+    model_type = "fastadapter_bench"
+
+    def __init__(self, shape: str = "many", body: dict[str, int] | None = None, **kwargs: Any) -> None:
+        self.shape = shape
+        self.body = dict(body or {})
+        super().__init__(**kwargs)
+
+
+class BenchModel(PreTrainedModel):
+    """A minimal transformers `PreTrainedModel` whose module tree is exactly LlamaShaped's or ManyLinears'
+    (`model.layers.N.self_attn.q_proj`, `layers.N`): the same base as the plain-torch contenders, hosted
+    by transformers, so that `add_adapter` / `load_adapter` (transformers' PEFT integration) work on it."""
+
+    config_class = BenchConfig
+
+    def __init__(self, config: BenchConfig) -> None:
+        super().__init__(config)
+        body = bench_body(config.shape, **config.body)
+        for name, child in body.named_children():
+            self.add_module(name, child)
+        self.post_init()
+
+
+def bench_body(shape: str, **sizes: int) -> nn.Module:
+    """The plain-torch base, on the meta device (`to_empty` it)."""
+    if shape == "llama":
+        return LlamaShaped(**sizes)
+    if shape == "many":
+        return ManyLinears(**sizes)
+    raise ValueError(f"unknown adapter {shape!r}")
+
+
+def transformers_base(shape: str, **sizes: int) -> BenchModel:
+    """A `BenchModel` built on the meta device, then `to_empty`: bf16 base weights never touched."""
+    with torch.device("meta"):
+        model = BenchModel(BenchConfig(shape, sizes))
+    return model.to_empty(device="cpu")
+
+
 def randomise_lora(model: nn.Module, seed: int = 0) -> None:
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -174,17 +221,10 @@ def randomise_lora(model: nn.Module, seed: int = 0) -> None:
                 param.uniform_(-0.05, 0.05, generator=gen)
 
 
-def build_peft_model(name: str) -> PeftModel:
-    base: nn.Module
-    targets: list[str] | str
-    if name == "llama":
-        base, targets = LlamaShaped(), LLAMA_TARGETS
-    elif name == "many":
-        # A string is a regex over full module names (a list would match name suffixes).
-        base, targets = ManyLinears(), r"layers\.\d+"
-    else:
-        raise ValueError(f"unknown adapter {name!r}")
-    base = base.to_empty(device="cpu")
+def build_peft_model(name: str, **sizes: int) -> PeftModel:
+    # A string is a regex over full module names (a list would match name suffixes).
+    targets = LLAMA_TARGETS if name == "llama" else r"layers\.\d+"
+    base = bench_body(name, **sizes).to_empty(device="cpu")
     config = LoraConfig(r=64, lora_alpha=128, lora_dropout=0.0, target_modules=targets)
     model = get_peft_model(base, config)
     randomise_lora(model)
