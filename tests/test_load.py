@@ -85,7 +85,8 @@ CASES: dict[str, tuple[Callable[[], nn.Module], dict[str, Any]]] = {
 TRANSFORMERS_DIFFERS_FROM_PEFT = {
     "dora": "transformers 5.23 load_adapter leaves DoRA magnitude vectors unloaded (key not renamed)",
     "dora_conv1d": "transformers 5.23 load_adapter leaves DoRA magnitude vectors unloaded (key not renamed)",
-    "modules_to_save": "transformers' load_adapter(is_trainable=False) leaves the modules_to_save copy trainable",
+    "modules_to_save": "transformers' load_adapter(is_trainable=False) leaves the modules_to_save copy "
+    "trainable",
 }
 
 

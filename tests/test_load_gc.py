@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 from peft import get_peft_model
+from peft.tuners.lora import LoraLayer as PeftLoraLayer
 
 import fastadapter
 from fastadapter.layers import LoraLayer
-from peft.tuners.lora import LoraLayer as PeftLoraLayer
 from helpers import lora_config, tiny_llama
 
 

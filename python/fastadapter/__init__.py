@@ -15,6 +15,8 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from ._core import __version__
+from .checkpoint import Checkpointer
+from .convert import Conversion, ConvertReport, convert, convert_dir
 from .errors import (
     AdapterExistsError,
     AdapterNotFoundError,
@@ -30,9 +32,6 @@ from .errors import (
     UnsafeCheckpointError,
     UnsupportedAdapterError,
 )
-
-from .checkpoint import Checkpointer
-from .convert import Conversion, ConvertReport, convert, convert_dir
 from .save import save
 
 if TYPE_CHECKING:

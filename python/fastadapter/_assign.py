@@ -7,7 +7,6 @@ tensor named, so a failed load leaves the model as it was.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
@@ -30,8 +29,6 @@ def slot_suffixes(name: str) -> dict[str, str]:
         f".lora_embedding_A.{name}": "lora_embedding_A",
         f".lora_embedding_B.{name}": "lora_embedding_B",
     }
-
-
 
 
 @dataclass
@@ -224,4 +221,3 @@ def filled_copy(
             owner = copy.get_submodule(owner_path) if owner_path else copy
             owner._buffers[leaf] = converted(values[bname], buf.device, buf.dtype).clone()
     return copy
-

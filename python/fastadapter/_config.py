@@ -17,7 +17,6 @@ from typing import Any
 from .errors import ConfigError, UnsupportedAdapterError
 from .names import ADAPTER_CONFIG, ALL_LINEAR, MODEL_CARD
 
-
 # peft 0.21.2 `LoraConfig().to_dict()` (target_modules aside), the values every saved config starts from.
 DEFAULTS: dict[str, Any] = {
     "alora_invocation_tokens": None,

@@ -9,8 +9,6 @@ straight from its file instead of being loaded into the model as a temporary ada
 
 from __future__ import annotations
 
-from .names import ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN
-
 import os
 import warnings
 from typing import Any
@@ -19,6 +17,7 @@ import torch
 
 from ._tensors import load_safetensors
 from .errors import MissingTensorError
+from .names import ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN
 
 _CONVERTIBLE = ("pissa", "corda", "olora", "lora_ga", "true")
 

@@ -22,8 +22,8 @@ from torch import nn
 
 from ._config import AdapterConfig
 from .errors import TargetModuleError, UnsupportedAdapterError
-from .names import ALL_LINEAR
 from .layers import DoraMagnitude, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave, fast_linear, is_conv1d
+from .names import ALL_LINEAR
 
 MIN_TARGET_MODULES_FOR_OPTIMIZATION = 20  # peft.utils.constants
 SEQ_CLS_HEAD_NAMES = ("score", "classifier")
@@ -135,7 +135,7 @@ def _is_pretrained_model(model: nn.Module) -> bool:
     return modeling is not None and isinstance(model, modeling.PreTrainedModel)
 
 
-def _resolve_all_linear(config: AdapterConfig, model: nn.Module, layer_types: tuple[type, ...]) -> None:
+def _resolve_all_linear(config: AdapterConfig, model: nn.Module, layer_types: tuple[type[Any], ...]) -> None:
     """peft's `_maybe_include_all_linear_layers`: every Linear / Conv1D except the output layer."""
     names = set()
     for name, module in model.named_modules():
@@ -158,7 +158,7 @@ def _resolve_all_linear(config: AdapterConfig, model: nn.Module, layer_types: tu
     config.target_modules = names - exclude
 
 
-def _wraps_linear(module: nn.Module, layer_types: tuple[type, ...]) -> bool:
+def _wraps_linear(module: nn.Module, layer_types: tuple[type[Any], ...]) -> bool:
     if not isinstance(module, layer_types):
         return False
     base = module.base_layer
@@ -199,8 +199,8 @@ def plan(
     config: AdapterConfig,
     adapter_name: str,
     *,
-    layer_types: tuple[type, ...] = (LoraLayer,),
-    wrapper_types: tuple[type, ...] = (ModulesToSave,),
+    layer_types: tuple[type[Any], ...] = (LoraLayer,),
+    wrapper_types: tuple[type[Any], ...] = (ModulesToSave,),
 ) -> Plan:
     """Decide what to adapt, checking everything; `config` may be rewritten as PEFT rewrites it (all-linear,
     long target lists, fan_in_fan_out). `layer_types` / `wrapper_types`: the LoRA layers and

@@ -81,7 +81,9 @@ def read_weights(adapter_dir: str, name: str) -> Incoming:
         pairs = select_keys(list(loaded), prefix=PEFT_PREFIX, renames=renames(name))
         _check_all_selected(bin_path, len(pairs), len(loaded), lambda: loaded)
         return Incoming(bin_path, {new: loaded[old] for old, new in pairs}, None)
-    raise FileNotFoundError(2, f"no {ADAPTER_WEIGHTS} or {ADAPTER_WEIGHTS_BIN} in the adapter directory", path)
+    raise FileNotFoundError(
+        2, f"no {ADAPTER_WEIGHTS} or {ADAPTER_WEIGHTS_BIN} in the adapter directory", path
+    )
 
 
 def read_file_tensors(adapter_dir: str) -> Incoming:
@@ -94,4 +96,6 @@ def read_file_tensors(adapter_dir: str) -> Incoming:
     bin_path = os.path.join(adapter_dir, ADAPTER_WEIGHTS_BIN)
     if os.path.isfile(bin_path):
         return Incoming(bin_path, read_bin(bin_path), None)
-    raise FileNotFoundError(2, f"no {ADAPTER_WEIGHTS} or {ADAPTER_WEIGHTS_BIN} in the adapter directory", path)
+    raise FileNotFoundError(
+        2, f"no {ADAPTER_WEIGHTS} or {ADAPTER_WEIGHTS_BIN} in the adapter directory", path
+    )

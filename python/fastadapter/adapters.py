@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar, cast
 from ._config import config_from_object
 from ._read import read_file_tensors, read_weights
 from .errors import AdapterExistsError
-from .hosts import Layers, host_for
+from .hosts import AdapterHost, Layers, host_for
 from .names import DEFAULT_ADAPTER
 
 if TYPE_CHECKING:
@@ -162,11 +162,10 @@ def unload(model: nn.Module) -> nn.Module:
     return _with_adapters(model).unload()
 
 
-def _with_adapters(model: nn.Module) -> Any:
+def _with_adapters(model: nn.Module) -> AdapterHost:
     from .errors import AdapterNotFoundError
 
     host = host_for(model)
     if not host.configs():
         raise AdapterNotFoundError(f"{type(model).__name__} has no adapter")
     return host
-

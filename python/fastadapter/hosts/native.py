@@ -82,7 +82,14 @@ class NativeHost(AdapterHost):
         model = self.model
         p = plan(model, config, name)
         a = assign(
-            model, p, name, incoming.where, incoming.tensors, trainable=is_trainable, device=device, dtype=dtype
+            model,
+            p,
+            name,
+            incoming.where,
+            incoming.tensors,
+            trainable=is_trainable,
+            device=device,
+            dtype=dtype,
         )
         # Nothing above changed the model; from here on, nothing can fail for a reason the checks did not see.
         _freeze_base(p)
@@ -136,7 +143,7 @@ class NativeHost(AdapterHost):
     # --- managing ---------------------------------------------------------------------------------------
 
     def set_adapter(self, names: str | Sequence[str]) -> None:
-        """Active adapters are trainable unless loaded for inference, inactive ones are frozen (PEFT's rule)."""
+        """Active adapters are trainable unless loaded for inference; inactive ones are frozen (PEFT)."""
         state = self.state
         names = [names] if isinstance(names, str) else list(names)
         unknown = [n for n in names if n not in state.configs]

@@ -29,13 +29,13 @@ if TYPE_CHECKING:
     from .._read import Incoming
 
 
-def lora_layer_types() -> tuple[type, ...]:
+def lora_layer_types() -> tuple[type[Any], ...]:
     from peft.tuners.lora import LoraLayer
 
     return (LoraLayer,)
 
 
-def wrapper_types() -> tuple[type, ...]:
+def wrapper_types() -> tuple[type[Any], ...]:
     from peft.utils.other import AuxiliaryTrainingWrapper
 
     return (AuxiliaryTrainingWrapper,)
@@ -43,6 +43,8 @@ def wrapper_types() -> tuple[type, ...]:
 
 class PeftLayersHost(AdapterHost):
     """Hosts whose adapters live in PEFT's layers."""
+
+    first_built: tuple[list[nn.Module], list[nn.Module]] | None = None
 
     def tuned_model(self) -> nn.Module:
         """The model whose modules hold the LoRA layers (keys of the file are relative to it)."""
@@ -56,7 +58,9 @@ class PeftLayersHost(AdapterHost):
     def new_config(self, adapter_dir: str, *, is_trainable: bool) -> Any:
         from peft import LoraConfig
 
-        _config.read_config(adapter_dir)  # fastadapter's checks: anything it cannot load faithfully is refused
+        _config.read_config(
+            adapter_dir
+        )  # fastadapter's checks: anything it cannot load faithfully is refused
         config = LoraConfig.from_pretrained(adapter_dir)
         config.inference_mode = not is_trainable
         return config
@@ -84,9 +88,9 @@ class PeftLayersHost(AdapterHost):
             return "tensor-parallel model"
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         if model_type is not None:
-            from peft.utils.transformers_weight_conversion import get_checkpoint_conversion_mapping
+            from transformers.conversion_mapping import get_checkpoint_conversion_mapping
 
-            if get_checkpoint_conversion_mapping(model_type) is not None:
+            if get_checkpoint_conversion_mapping(model_type) is not None:  # type: ignore[no-untyped-call]
                 return f"{model_type}: PEFT rewrites the config for transformers v5's weight layout"
         return None
 
@@ -128,7 +132,14 @@ class PeftLayersHost(AdapterHost):
         model = self.tuned_model()
         p = plan(model, config, name, layer_types=lora_layer_types(), wrapper_types=wrapper_types())
         a = assign(
-            model, p, name, incoming.where, incoming.tensors, trainable=is_trainable, device=device, dtype=dtype
+            model,
+            p,
+            name,
+            incoming.where,
+            incoming.tensors,
+            trainable=is_trainable,
+            device=device,
+            dtype=dtype,
         )
         if p.save_targets or any(isinstance(m, wrapper_types()) for m in p.modules):
             raise TemplateMismatch("the model has modules_to_save wrappers")  # PEFT's way handles them
@@ -144,15 +155,21 @@ class PeftLayersHost(AdapterHost):
                     if param is not None and param.requires_grad:
                         param.requires_grad_(False)
         self.register_config(name, config)
+        built: list[nn.Module] = []
         for t in p.targets:
             if t.module is t.base:
-                install(t, factory.new_layer(t, a.lora[t.path], is_trainable))
+                layer = factory.new_layer(t, a.lora[t.path], is_trainable)  # type: ignore[arg-type]
+                install(t, layer)  # type: ignore[arg-type]
+                built.append(layer)
             else:
-                factory.add_to_existing(t.module, t, a.lora[t.path], is_trainable)
+                factory.add_to_existing(t.module, t, a.lora[t.path], is_trainable)  # type: ignore[arg-type]
         with torch.no_grad():
             for existing, value in a.others:
                 existing.copy_(value)
         self.after_injection(name, config, [t.path for t in p.targets], is_trainable=is_trainable)
+        # A first injection's layers are all the model's LoRA layers, and p.modules all its other modules:
+        # activation need not walk the model to find them.
+        self.first_built = (built, p.modules) if p.first_injection else None
 
     def register_config(self, name: str, config: Any) -> None:
         self.configs()[name] = config
@@ -212,7 +229,7 @@ class PeftLayersHost(AdapterHost):
                     raise TargetModuleError(f"{where}: tensor `{full}` names nothing in the model")
                 check_shape(where, full, tensor.shape, tuple(existing.shape), "the model's layer")
                 if existing.device.type == "meta":
-                    layer = model.get_submodule(full.split(f".{name}", 1)[0].rpartition(".")[0])
+                    layer: Any = model.get_submodule(full.split(f".{name}", 1)[0].rpartition(".")[0])
                     base = layer.get_base_layer()
                     keys.append(full)
                     requests.append((tensor, base_device(base, device), adapter_dtype(base, dtype)))
@@ -238,15 +255,16 @@ class PeftLayersHost(AdapterHost):
             raise
 
 
-def _trainability(model: nn.Module) -> tuple[bool, list[tuple[nn.Module, bool]], list[tuple[torch.Tensor, bool]]]:
+Trainability = tuple[list[tuple[nn.Module, bool]], list[tuple[nn.Parameter, bool]]]
+
+
+def _trainability(model: nn.Module) -> Trainability:
     """What PEFT's injection changes besides the module tree: train/eval flags and requires_grad."""
-    modules = [(m, m.training) for m in model.modules()]
-    params = [(p, p.requires_grad) for p in model.parameters()]
-    return model.training, modules, params
+    return [(m, m.training) for m in model.modules()], [(p, p.requires_grad) for p in model.parameters()]
 
 
-def _restore(saved: tuple[bool, list[tuple[nn.Module, bool]], list[tuple[torch.Tensor, bool]]]) -> None:
-    _, modules, params = saved
+def _restore(saved: Trainability) -> None:
+    modules, params = saved
     for module, training in modules:
         module.training = training
     for param, requires_grad in params:

@@ -13,7 +13,7 @@ this copy does not know makes `TemplateMismatch`, and the caller uses PEFT's own
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
@@ -43,7 +43,9 @@ _MODULE_FIELDS = frozenset(
     )
 )
 # Per-adapter settings: one entry per adapter name, the value the same for every target except these.
-_PER_ADAPTER = frozenset(("r", "lora_alpha", "scaling", "use_dora", "use_rslora", "lora_bias", "lora_variant"))
+_PER_ADAPTER = frozenset(
+    ("r", "lora_alpha", "scaling", "use_dora", "use_rslora", "lora_bias", "lora_variant")
+)
 _EMPTY_CONTAINERS = frozenset(("_caches",))
 _IMMUTABLE = (bool, int, float, str, type(None))
 
@@ -123,30 +125,29 @@ class LayerFactory:
         self._settings(d, t)
         modules = layer._modules
         modules["base_layer"] = t.base
-        for field, container in template._modules.items():
-            if field == "base_layer":
-                continue
+        for field, container in _containers(template):
             fresh = _empty_like(container)
             modules[field] = fresh
             self._fill(field, fresh, container, tensors)
         _set_trainable(layer, trainable)
         return layer
 
-    def add_to_existing(self, layer: nn.Module, t: Target, tensors: dict[str, nn.Parameter], trainable: bool) -> None:
+    def add_to_existing(
+        self, layer: nn.Module, t: Target, tensors: dict[str, nn.Parameter], trainable: bool
+    ) -> None:
         """PEFT's `update_layer` for a layer that holds other adapters: the new adapter's entries."""
         template = self.template(t)
         d = layer.__dict__
         for field in _PER_ADAPTER:
             if field in template.__dict__:
-                src = template.__dict__[field]
+                src: dict[str, Any] = template.__dict__[field]
                 if self.name in src:
                     d[field][self.name] = src[self.name]
                 else:
                     d[field].pop(self.name, None)
         self._settings(d, t)
-        for field, container in template._modules.items():
-            if field != "base_layer":
-                self._fill(field, layer._modules[field], container, tensors)
+        for field, container in _containers(template):
+            self._fill(field, cast(nn.Module, layer._modules[field]), container, tensors)
         _set_trainable(layer, trainable, only=self.name)
 
     def _settings(self, d: dict[str, Any], t: Target) -> None:
@@ -155,7 +156,9 @@ class LayerFactory:
         d["lora_alpha"][name] = t.alpha
         d["scaling"][name] = t.alpha / math.sqrt(t.r) if self.config.use_rslora else t.alpha / t.r
 
-    def _fill(self, field: str, fresh: nn.Module, container: nn.Module, tensors: dict[str, nn.Parameter]) -> None:
+    def _fill(
+        self, field: str, fresh: nn.Module, container: nn.Module, tensors: dict[str, nn.Parameter]
+    ) -> None:
         name = self.name
         entry = container._modules.get(name)
         if field == "lora_A":
@@ -164,27 +167,35 @@ class LayerFactory:
             fresh._modules[name] = fast_linear(tensors["lora_B.weight"], tensors.get("lora_B.bias"))
         elif field in ("lora_embedding_A", "lora_embedding_B"):
             if name in container._parameters:
-                fresh[name] = tensors[field]  # ParameterDict: keeps its key list in step
+                cast(nn.ParameterDict, fresh)[name] = tensors[field]  # keeps the dict's key list in step
         elif entry is not None:
             fresh._modules[name] = _stateless_copy(entry)  # dropout: Identity or Dropout(p)
 
 
 def _check_template(template: nn.Module) -> None:
     for field, value in template.__dict__.items():
-        if field in _MODULE_FIELDS or field in _PER_ADAPTER or field in _EMPTY_CONTAINERS or field == "kwargs":
+        if (
+            field in _MODULE_FIELDS
+            or field in _PER_ADAPTER
+            or field in _EMPTY_CONTAINERS
+            or field == "kwargs"
+        ):
             if field in _PER_ADAPTER and not isinstance(value, dict):
                 raise TemplateMismatch(f"{field} is a {type(value).__name__}")
             continue
         if not isinstance(value, (*_IMMUTABLE, list)):
             raise TemplateMismatch(f"field {field} ({type(value).__name__})")
-    for field, container in template._modules.items():
-        if field == "base_layer":
-            continue
+    for field, container in _containers(template):
         if type(container) not in (nn.ModuleDict, nn.ParameterDict):
             raise TemplateMismatch(f"container {field} ({type(container).__name__})")
         for entry in container._modules.values():
-            if field not in ("lora_A", "lora_B") and entry._parameters:
+            if field not in ("lora_A", "lora_B") and entry is not None and entry._parameters:
                 raise TemplateMismatch(f"{field} entry holds parameters")
+
+
+def _containers(layer: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The layer's adapter containers (lora_A, lora_dropout, ...): every child but the base layer."""
+    return [(f, c) for f, c in layer._modules.items() if f != "base_layer" and c is not None]
 
 
 def _empty_like(container: nn.Module) -> nn.Module:
@@ -211,7 +222,7 @@ def _set_trainable(layer: nn.Module, trainable: bool, only: str | None = None) -
         if container is None:
             continue
         for name, entry in container._modules.items():
-            if only is None or name == only:
+            if entry is not None and (only is None or name == only):
                 for p in entry._parameters.values():
                     if p is not None:
                         p.requires_grad_(trainable)

@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from torch import nn
 
+from .._inject import plan
 from ..names import GENERATION_CONFIG
 from .base import AdapterHost, rendered
-from .._inject import plan
 from .peft_hosted import PeftLayersHost, lora_layer_types, wrapper_types
 
 if TYPE_CHECKING:
@@ -36,7 +36,8 @@ class TransformersHost(PeftLayersHost):
     def configs(self) -> dict[str, Any]:
         if not self.loaded:
             return {}
-        configs: dict[str, Any] = self.model.peft_config
+        model: Any = self.model
+        configs: dict[str, Any] = model.peft_config
         return configs
 
     def active_adapters(self) -> list[str]:
@@ -55,9 +56,9 @@ class TransformersHost(PeftLayersHost):
         active = self.active_adapters()
         if len(active) > 1:
             raise ValueError(
-                "Multiple active adapters detected, saving multiple active adapters is not supported yet. You "
-                "can save adapters separately one by one by iteratively calling `model.set_adapter(adapter_name)` "
-                "then `model.save_pretrained(...)`"
+                "Multiple active adapters detected, saving multiple active adapters is not supported yet. "
+                "You can save adapters separately one by one by iteratively calling "
+                "`model.set_adapter(adapter_name)` then `model.save_pretrained(...)`"
             )
         return [(active[0], "")]
 
@@ -140,6 +141,14 @@ class TransformersHost(PeftLayersHost):
     def activate_loaded(self, name: str, *, is_trainable: bool) -> None:
         # transformers' `load_adapter`: the new adapter is active on every LoRA layer (its new LoraModel
         # activates it); loaded for inference, the model goes to eval() and every LoRA layer is frozen.
+        if self.first_built is not None:
+            # Built just now with requires_grad = is_trainable, the base frozen: only mode and activation.
+            layers, others = self.first_built
+            for layer in layers:
+                layer.__dict__["_active_adapter"] = [name]
+            if not is_trainable:
+                _eval(self.model, [*others, *(m for layer in layers for m in layer.modules())])
+            return
         lora = lora_layer_types()
         layers = [m for m in self.model.modules() if isinstance(m, lora)]
         for layer in layers:
@@ -170,6 +179,7 @@ class TransformersHost(PeftLayersHost):
         model: Any = self.model
         lora, wrappers = lora_layer_types(), wrapper_types()
         names = list(adapter_names) if adapter_names is not None else None
+        module: Any
         for path, module in list(model.named_modules()):
             if not isinstance(module, (*lora, *wrappers)):
                 continue
@@ -182,15 +192,27 @@ class TransformersHost(PeftLayersHost):
                     module.merge(adapter_names=names)
                 replacement = module.get_base_layer()
             else:
-                active = module.active_adapters
+                wrapper: Any = module
+                active = wrapper.active_adapters
                 replacement = (
-                    module.modules_to_save[active[0]] if active and active[0] in module.modules_to_save
-                    else module.original_module
+                    wrapper.modules_to_save[active[0]]
+                    if active and active[0] in wrapper.modules_to_save
+                    else wrapper.original_module
                 )
             parent._modules[child] = replacement
         model.__dict__.pop("peft_config", None)
         model._hf_peft_config_loaded = False
         return model  # type: ignore[no-any-return]
+
+
+def _eval(model: nn.Module, modules: list[nn.Module]) -> None:
+    """`model.eval()` for a model whose modules are `modules` (nn.Module.train sets one flag per module;
+    its walk costs more than the rest of a 1024-layer load); a module with its own `train` gets torch's."""
+    if any(type(m).train is not nn.Module.train for m in modules):
+        model.eval()
+        return
+    for m in modules:
+        m.__dict__["training"] = False
 
 
 def _sorted(values: Any) -> list[Any]:
