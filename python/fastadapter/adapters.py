@@ -100,13 +100,12 @@ def load(
     """
     adapter_dir = os.fspath(adapter_dir)
     host = host_for(model, layers)
+    config = host.new_config(adapter_dir, is_trainable=is_trainable)
     if adapter_name in host.configs():
-        config = host.new_config(adapter_dir, is_trainable=is_trainable)
         file = read_file_tensors(adapter_dir)
         host.load_into(adapter_name, config, file)
         file.done()
         return model
-    config = host.new_config(adapter_dir, is_trainable=is_trainable)
     incoming = read_weights(adapter_dir, adapter_name)
     host.add_loaded(adapter_name, config, incoming, is_trainable=is_trainable, device=device, dtype=dtype)
     incoming.done()

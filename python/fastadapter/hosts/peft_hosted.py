@@ -158,11 +158,11 @@ class PeftLayersHost(AdapterHost):
         built: list[nn.Module] = []
         for t in p.targets:
             if t.module is t.base:
-                layer = factory.new_layer(t, a.lora[t.path], is_trainable)  # type: ignore[arg-type]
+                layer = factory.new_layer(t, a.lora[t.path])  # type: ignore[arg-type]
                 install(t, layer)  # type: ignore[arg-type]
                 built.append(layer)
             else:
-                factory.add_to_existing(t.module, t, a.lora[t.path], is_trainable)  # type: ignore[arg-type]
+                factory.add_to_existing(t.module, t, a.lora[t.path])  # type: ignore[arg-type]
         with torch.no_grad():
             for existing, value in a.others:
                 existing.copy_(value)

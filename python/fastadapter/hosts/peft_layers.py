@@ -103,8 +103,9 @@ class LayerFactory:
             self._templates[t.kind] = template
         return template
 
-    def new_layer(self, t: Target, tensors: dict[str, nn.Parameter], trainable: bool) -> nn.Module:
-        """A copy of the template around `t.base`, holding `tensors` (slot -> parameter)."""
+    def new_layer(self, t: Target, tensors: dict[str, nn.Parameter]) -> nn.Module:
+        """A copy of the template around `t.base`, holding `tensors` (slot -> parameter, its requires_grad
+        already set by `_assign`)."""
         template = self.template(t)
         layer = type(template).__new__(type(template))
         init_module(layer)
@@ -112,8 +113,10 @@ class LayerFactory:
         for field, value in template.__dict__.items():
             if field in _MODULE_FIELDS:
                 continue
-            if field in _PER_ADAPTER or field in _EMPTY_CONTAINERS:
-                d[field] = dict(value) if field not in _EMPTY_CONTAINERS else {}
+            if field in _EMPTY_CONTAINERS:
+                d[field] = {}
+            elif field in _PER_ADAPTER:
+                d[field] = dict(value)
             elif field == "kwargs":
                 d[field] = {**value, "target_name": t.path}
             elif isinstance(value, list):
@@ -129,12 +132,9 @@ class LayerFactory:
             fresh = _empty_like(container)
             modules[field] = fresh
             self._fill(field, fresh, container, tensors)
-        _set_trainable(layer, trainable)
         return layer
 
-    def add_to_existing(
-        self, layer: nn.Module, t: Target, tensors: dict[str, nn.Parameter], trainable: bool
-    ) -> None:
+    def add_to_existing(self, layer: nn.Module, t: Target, tensors: dict[str, nn.Parameter]) -> None:
         """PEFT's `update_layer` for a layer that holds other adapters: the new adapter's entries."""
         template = self.template(t)
         d = layer.__dict__
@@ -148,7 +148,6 @@ class LayerFactory:
         self._settings(d, t)
         for field, container in _containers(template):
             self._fill(field, cast(nn.Module, layer._modules[field]), container, tensors)
-        _set_trainable(layer, trainable, only=self.name)
 
     def _settings(self, d: dict[str, Any], t: Target) -> None:
         name = self.name
@@ -213,19 +212,3 @@ def _stateless_copy(module: nn.Module) -> nn.Module:
             copy.__dict__[field] = value
     copy.__dict__["training"] = module.training
     return copy
-
-
-def _set_trainable(layer: nn.Module, trainable: bool, only: str | None = None) -> None:
-    """The new adapter's tensors' `requires_grad`; every other tensor of the layer keeps its own."""
-    for field in ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B"):
-        container = layer._modules.get(field)
-        if container is None:
-            continue
-        for name, entry in container._modules.items():
-            if entry is not None and (only is None or name == only):
-                for p in entry._parameters.values():
-                    if p is not None:
-                        p.requires_grad_(trainable)
-        for name, p in container._parameters.items():
-            if (only is None or name == only) and p is not None:
-                p.requires_grad_(trainable)
