@@ -33,7 +33,7 @@ import torch
 import fastadapter
 from fastadapter import _core, cli
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TIME_LIMIT_S = 2.0
 MEMORY_LIMIT = 1 << 30  # RLIMIT_AS of the child that converts the resource-exhaustion files
 MAXRSS_LIMIT_MB = 384

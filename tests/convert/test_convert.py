@@ -30,7 +30,7 @@ import fastadapter
 from fastadapter import _core, cli
 from fastadapter.convert import convert_paths, default_destination
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # --- oracle --------------------------------------------------------------------------------------------
 

@@ -39,7 +39,7 @@ from helpers import (
     tiny_mlp,
 )
 
-TESTS_DIR = Path(__file__).resolve().parent
+TESTS_DIR = Path(__file__).resolve().parents[1]
 NOBODY = 65534
 
 

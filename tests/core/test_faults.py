@@ -30,7 +30,7 @@ from safetensors import safe_open
 import fastadapter
 from fastadapter import _core
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 # The model both the server and this module build: 4 x Linear(512, 512) with rank-64 LoRA on each
 # (4 MiB of fp32 adapter weights: a save takes milliseconds, so kills land inside the writes).
