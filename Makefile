@@ -50,8 +50,9 @@ fmt: $(DEPS_STAMP)
 	$(VENV)/bin/ruff format python tests benches scripts
 	$(VENV)/bin/ruff check --fix python tests benches scripts
 
-# A few seconds per cargo-fuzz target (rust/fuzz); says "skipped: <reason>" without nightly + cargo-fuzz.
-# Longer: `FUZZ_SECONDS=300 scripts/fuzz_smoke.sh`.
+# A few seconds per cargo-fuzz target (rust/fuzz), on the stable toolchain (RUSTC_BOOTSTRAP=1); installs
+# cargo-fuzz from crates.io the first time. A crash fails it, the input saved under rust/fuzz/artifacts/.
+# Longer: `FUZZ_SECONDS=300 scripts/fuzz_smoke.sh`. Opt out: FUZZ_SMOKE=0.
 fuzz-smoke:
 	scripts/fuzz_smoke.sh
 

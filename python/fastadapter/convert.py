@@ -63,6 +63,8 @@ class ConvertReport:
 
     converted: list[Conversion] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    # (src, dst) of the skipped files whose output already exists (also in `skipped`, with the reason).
+    existing: list[tuple[str, str]] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)
     planned: list[tuple[str, str]] = field(default_factory=list)  # (src, dst) of a dry run
 
@@ -175,7 +177,8 @@ def convert_paths(
         if not os.path.isfile(src):
             report.failed.append((src, f"{src}: no such file"))
         elif os.path.exists(dst) and not overwrite:
-            report.skipped.append((src, f"{dst} exists (use overwrite)"))
+            report.skipped.append((src, f"{dst} exists (pass overwrite=True to replace it)"))
+            report.existing.append((src, dst))
         else:
             todo.append((src, dst))
     if dry_run:

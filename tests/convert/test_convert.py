@@ -444,7 +444,8 @@ def test_sharded_checkpoint(tmp_path: Path) -> None:
     assert again.ok
     assert not again.converted
     assert len(again.skipped) == 3
-    assert all("exists (use overwrite)" in why for _, why in again.skipped)
+    assert all("exists (pass overwrite=True to replace it)" in why for _, why in again.skipped)
+    assert sorted(s for s, _ in again.existing) == sorted(s for s, _ in again.skipped)
 
 
 def test_index_is_written_when_the_shards_were_converted_before(tmp_path: Path) -> None:
@@ -562,7 +563,7 @@ def test_cli_convert(tmp_path: Path) -> None:
     assert again.returncode == 0
     assert "converted 0 file(s)" in again.stdout
     assert "skipped 4:" in again.stdout
-    assert "exists (use overwrite)" in again.stdout
+    assert "destination exists (use --overwrite to replace it)" in again.stdout
 
     forced = run_cli("convert", "--overwrite", "--no-verify", "--no-recursive", tmp_path)
     assert forced.returncode == 0
