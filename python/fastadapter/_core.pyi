@@ -20,9 +20,11 @@ __all__ = [
     "inspect_torch",
     "plan_header",
     "publish_checkpoint",
+    "publish_dir",
     "select_keys",
     "stage_bytes",
     "wait_released",
+    "write_chunks",
     "write_safetensors",
 ]
 
@@ -114,6 +116,23 @@ def copy_ranges(
 ) -> int:
     """Copy (source index, source offset, destination offset, length) byte ranges into `dst`, in
     parallel with the GIL released; checked first (ValueError). Returns the bytes copied."""
+
+def write_chunks(
+    files: Sequence[
+        tuple[
+            str | PathLike[str],
+            Buffer | None,
+            Sequence[tuple[str, Buffer, int, int, Sequence[int], Sequence[int], Sequence[int]]],
+        ]
+    ],
+    fsync: bool = False,
+) -> int:
+    """Write each file's header (or None) and chunks (name, buffer, tensor offset, item size, shape,
+    chunk offsets, chunk sizes) at their offsets, without truncating; files in parallel, GIL released.
+    Returns the bytes written."""
+
+def publish_dir(staging: str | PathLike[str], target: str | PathLike[str], fsync: bool = False) -> Path:
+    """Rename the written directory `staging` to `target`, atomically replacing a previous one."""
 
 @final
 class CheckpointJob:

@@ -18,6 +18,7 @@ __all__ = [
     "KeyPatternError",
     "MissingTensorError",
     "NotADirectoryPathError",
+    "SharedStorageError",
     "TargetModuleError",
     "TensorError",
     "UnsafeCheckpointError",
@@ -79,3 +80,9 @@ class AdapterExistsError(FastAdapterError, ValueError):
 
 class TargetModuleError(FastAdapterError, ValueError):
     """An adapter targets a module the model does not have, or one fastadapter cannot adapt."""
+
+
+class SharedStorageError(FastAdapterError, FileNotFoundError):
+    """A rank cannot see the directory the coordinator created for a consolidated distributed checkpoint:
+    the ranks do not share a file system. `fastadapter.dcp.StorageWriter(path, consolidate=False)` writes
+    per-rank files instead."""

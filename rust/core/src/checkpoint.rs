@@ -359,7 +359,7 @@ fn sync_dir(dir: &Path) -> Result<()> {
 /// Move `staging` to `target`. If `target` exists, swap the two atomically and delete the old one
 /// (now at `staging`); where the file system cannot swap, fall back to moving the old one aside first,
 /// which leaves a moment with no `target` but never a mixed one.
-fn replace_dir(staging: &Path, target: &Path) -> Result<()> {
+pub(crate) fn replace_dir(staging: &Path, target: &Path) -> Result<()> {
     match fs::rename(staging, target) {
         Ok(()) => return Ok(()),
         Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTEMPTY) | Some(libc::EEXIST)) => {}

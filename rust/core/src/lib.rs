@@ -11,6 +11,8 @@
 //!   container over a mapping and interprets `data.pkl` with exactly what `torch.load(weights_only=True)`
 //!   allows; globals are recorded, never resolved, so nothing in a hostile file can run.
 //! * [`convert`]: `.bin` to safetensors, tensor bytes going from the source mapping to the output file.
+//! * [`positioned`]: chunks of tensors written by several processes straight to their offsets in shared
+//!   files (the distributed checkpoint plugin), and the directory publish that ends such a checkpoint.
 
 pub mod atomic;
 pub mod checkpoint;
@@ -19,6 +21,7 @@ pub mod error;
 pub mod layout;
 pub mod pickle;
 pub mod pickle_globals;
+pub mod positioned;
 pub mod reader;
 pub mod release;
 pub mod select;

@@ -7,6 +7,7 @@ mod checkpoint;
 mod convert;
 mod errors;
 mod gather;
+mod positioned;
 mod reader;
 mod writer;
 
@@ -30,5 +31,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(convert::convert_file, m)?)?;
     m.add_function(wrap_pyfunction!(convert::inspect_torch, m)?)?;
     m.add_function(wrap_pyfunction!(gather::copy_ranges, m)?)?;
+    m.add_function(wrap_pyfunction!(positioned::write_chunks, m)?)?;
+    m.add_function(wrap_pyfunction!(positioned::publish_dir, m)?)?;
     Ok(())
 }

@@ -1,0 +1,380 @@
+//! Writing pieces of tensors straight into their final place in files that several processes share.
+//!
+//! A distributed checkpoint is planned before any byte moves: the coordinator lays out each file (the
+//! header bytes and every tensor's offset, see [`crate::layout`]), and every rank then writes the
+//! chunks it holds to their offsets. A chunk (a block of a tensor: `sizes` starting at `offsets` in a
+//! tensor of `shape`, row-major) lands in the file as runs: one run when it spans whole rows of every
+//! trailing dimension (a `Shard(0)` slice), otherwise one run per row of its last partial dimension
+//! (`Shard(1)`: strided runs). Files are opened without truncation, because other processes write the
+//! other runs of the same files at the same time; nothing here is ever read back.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, IoContext, Result};
+
+/// Bytes one `pwrite` carries at most: the writer's batch size (see [`crate::writer`]).
+const PIECE_BYTES: usize = 1 << 20;
+
+/// One chunk of one tensor, with its bytes where the caller has them (C-contiguous, `sizes` shaped).
+#[derive(Debug, Clone)]
+pub struct Chunk<'a> {
+    /// The tensor's name, for errors.
+    pub name: &'a str,
+    pub data: &'a [u8],
+    /// Absolute file offset of the whole tensor's first byte.
+    pub tensor_offset: u64,
+    pub itemsize: usize,
+    /// The whole tensor's shape, and where this chunk sits in it.
+    pub shape: &'a [usize],
+    pub offsets: &'a [usize],
+    pub sizes: &'a [usize],
+}
+
+/// What one process writes into one file: optionally the header (the coordinator's part), and chunks.
+#[derive(Debug, Clone)]
+pub struct FileWrites<'a> {
+    pub path: &'a Path,
+    pub header: Option<&'a [u8]>,
+    pub chunks: Vec<Chunk<'a>>,
+}
+
+/// A contiguous run: `len` bytes from `src` in the chunk's data to `dst` in the file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Run {
+    pub dst: u64,
+    pub src: usize,
+    pub len: usize,
+}
+
+/// The runs that place `chunk` in its file, in file order; the chunk's geometry is checked first
+/// (inside the tensor, data of the right size), so a bad plan is an error, never a stray write.
+pub fn runs(chunk: &Chunk<'_>) -> Result<Vec<Run>> {
+    let Chunk {
+        name,
+        shape,
+        offsets,
+        sizes,
+        itemsize,
+        ..
+    } = *chunk;
+    let bad = |reason: String| Error::tensor(name, reason);
+    if offsets.len() != shape.len() || sizes.len() != shape.len() {
+        return Err(bad(format!(
+            "chunk offsets {offsets:?} / sizes {sizes:?} do not match the shape {shape:?}"
+        )));
+    }
+    for d in 0..shape.len() {
+        if offsets[d]
+            .checked_add(sizes[d])
+            .is_none_or(|end| end > shape[d])
+        {
+            return Err(bad(format!(
+                "chunk at {offsets:?} of size {sizes:?} is outside the shape {shape:?}"
+            )));
+        }
+    }
+    let numel = sizes
+        .iter()
+        .try_fold(1usize, |a, &s| a.checked_mul(s))
+        .and_then(|n| n.checked_mul(itemsize))
+        .ok_or_else(|| bad(format!("chunk size {sizes:?} overflows")))?;
+    if numel != chunk.data.len() {
+        return Err(bad(format!(
+            "chunk of size {sizes:?} needs {numel} bytes, {} given",
+            chunk.data.len()
+        )));
+    }
+    if numel == 0 {
+        return Ok(Vec::new());
+    }
+    // Element strides of the whole tensor (row-major). The product cannot overflow: the whole tensor
+    // was laid out in a file already.
+    let mut stride = vec![1usize; shape.len()];
+    for d in (0..shape.len().saturating_sub(1)).rev() {
+        stride[d] = stride[d + 1] * shape[d + 1];
+    }
+    // `k`: the outermost dimension from which the chunk is one contiguous block of the tensor (every
+    // dimension after it whole). The chunk is then `prod(sizes[..k])` runs of `sizes[k] * stride[k]`.
+    let mut k = shape.len();
+    while k > 0 && (k == shape.len() || sizes[k] == shape[k]) {
+        k -= 1;
+    }
+    if shape.is_empty() {
+        return Ok(vec![Run {
+            dst: chunk.tensor_offset,
+            src: 0,
+            len: itemsize,
+        }]);
+    }
+    let run_len = sizes[k] * stride[k] * itemsize;
+    let count: usize = sizes[..k].iter().product();
+    let mut out = Vec::with_capacity(count);
+    let mut index = vec![0usize; k];
+    for r in 0..count {
+        let element: usize = (0..k)
+            .map(|d| (offsets[d] + index[d]) * stride[d])
+            .sum::<usize>()
+            + offsets[k] * stride[k];
+        out.push(Run {
+            dst: chunk.tensor_offset + (element * itemsize) as u64,
+            src: r * run_len,
+            len: run_len,
+        });
+        // Next index, last dimension fastest.
+        for d in (0..k).rev() {
+            index[d] += 1;
+            if index[d] < sizes[d] {
+                break;
+            }
+            index[d] = 0;
+        }
+    }
+    Ok(out)
+}
+
+/// Write every file's header and chunks, files in parallel (one thread each: writes to one file
+/// share its inode lock), each file opened without truncation. `fsync`: the file's data is durable
+/// when this returns. Returns the bytes written.
+pub fn write_files(files: &[FileWrites<'_>], fsync: bool) -> Result<u64> {
+    // Plan everything before the first byte moves: a bad chunk anywhere writes nothing.
+    let planned: Vec<Vec<(Run, &[u8])>> = files
+        .iter()
+        .map(|f| {
+            let mut all = Vec::new();
+            if let Some(h) = f.header {
+                all.push((
+                    Run {
+                        dst: 0,
+                        src: 0,
+                        len: h.len(),
+                    },
+                    h,
+                ));
+            }
+            for c in &f.chunks {
+                all.extend(runs(c)?.into_iter().map(|r| (r, c.data)));
+            }
+            Ok(all)
+        })
+        .collect::<Result<_>>()?;
+    let write_one = |(f, runs): (&FileWrites<'_>, &Vec<(Run, &[u8])>)| -> Result<u64> {
+        let file = open_shared(f.path)?;
+        let mut total = 0u64;
+        for (run, data) in runs {
+            write_run(&file, &data[run.src..run.src + run.len], run.dst).at(f.path)?;
+            total += run.len as u64;
+        }
+        if fsync {
+            file.sync_all().at(f.path)?;
+        }
+        Ok(total)
+    };
+    let jobs: Vec<_> = files.iter().zip(&planned).collect();
+    if jobs.len() < 2 {
+        return jobs.into_iter().map(write_one).sum();
+    }
+    std::thread::scope(|s| {
+        let handles: Vec<_> = jobs
+            .into_iter()
+            .map(|job| s.spawn(move || write_one(job)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+            .sum()
+    })
+}
+
+/// Open (creating it if needed, never truncating) a file that other processes write at the same time.
+fn open_shared(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o666)
+        .open(path)
+        .at(path)
+}
+
+fn write_run(file: &File, data: &[u8], offset: u64) -> io::Result<()> {
+    for (k, piece) in data.chunks(PIECE_BYTES).enumerate() {
+        let mut done = 0;
+        let at = offset + (k * PIECE_BYTES) as u64;
+        while done < piece.len() {
+            match rustix::io::pwrite(file, &piece[done..], at + done as u64) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => done += n,
+                Err(rustix::io::Errno::INTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Publish a written checkpoint directory: `staging` becomes `target` in one rename, swapping out a
+/// previous `target` atomically where the file system can (see [`crate::checkpoint`]). `fsync`: the
+/// staged files and directory are flushed first, and the parent after the rename.
+pub fn publish_dir(staging: &Path, target: &Path, fsync: bool) -> Result<PathBuf> {
+    if fsync {
+        for entry in std::fs::read_dir(staging).at(staging)? {
+            let path = entry.at(staging)?.path();
+            if path.is_file() {
+                File::open(&path).and_then(|f| f.sync_all()).at(&path)?;
+            }
+        }
+        File::open(staging).and_then(|d| d.sync_all()).at(staging)?;
+    }
+    crate::checkpoint::replace_dir(staging, target)?;
+    if fsync {
+        crate::atomic::sync_parent_dir(target)?;
+    }
+    Ok(target.to_path_buf())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Write every chunk of a tensor cut into blocks, check the file holds the tensor's bytes.
+    fn assemble(shape: &[usize], cuts: &[Vec<(usize, usize)>], itemsize: usize) {
+        let numel: usize = shape.iter().product();
+        let whole: Vec<u8> = (0..numel * itemsize).map(|i| (i * 7 + 3) as u8).collect();
+        let header = b"HEADER..".to_vec();
+        let mut stride = vec![1usize; shape.len()];
+        for d in (0..shape.len().saturating_sub(1)).rev() {
+            stride[d] = stride[d + 1] * shape[d + 1];
+        }
+        // The chunk's own bytes, gathered element by element from the whole tensor (the oracle).
+        let mut datas = Vec::new();
+        let mut geoms = Vec::new();
+        for cut in cuts {
+            let offsets: Vec<usize> = cut.iter().map(|c| c.0).collect();
+            let sizes: Vec<usize> = cut.iter().map(|c| c.1).collect();
+            let n: usize = sizes.iter().product();
+            let mut data = Vec::with_capacity(n * itemsize);
+            for e in 0..n {
+                let mut rem = e;
+                let mut at = 0;
+                for d in (0..sizes.len()).rev() {
+                    at += (offsets[d] + rem % sizes[d]) * stride[d];
+                    rem /= sizes[d];
+                }
+                data.extend_from_slice(&whole[at * itemsize..(at + 1) * itemsize]);
+            }
+            datas.push(data);
+            geoms.push((offsets, sizes));
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        // One "rank" per chunk, the first also writing the header, like the plugin does.
+        for (i, (data, (offsets, sizes))) in datas.iter().zip(&geoms).enumerate() {
+            let files = [FileWrites {
+                path: &path,
+                header: (i == 0).then_some(header.as_slice()),
+                chunks: vec![Chunk {
+                    name: "t",
+                    data,
+                    tensor_offset: header.len() as u64,
+                    itemsize,
+                    shape,
+                    offsets,
+                    sizes,
+                }],
+            }];
+            write_files(&files, false).unwrap();
+        }
+        let got = std::fs::read(&path).unwrap();
+        assert_eq!(&got[..header.len()], header.as_slice());
+        assert!(
+            got[header.len()..] == whole[..],
+            "shape {shape:?} cuts {cuts:?}"
+        );
+    }
+
+    #[test]
+    fn row_slices_column_slices_and_blocks_assemble_the_tensor() {
+        assemble(&[6, 4], &[vec![(0, 3), (0, 4)], vec![(3, 3), (0, 4)]], 4);
+        assemble(&[6, 4], &[vec![(0, 6), (0, 1)], vec![(0, 6), (1, 3)]], 2);
+        assemble(
+            &[4, 6],
+            &[
+                vec![(0, 2), (0, 3)],
+                vec![(0, 2), (3, 3)],
+                vec![(2, 2), (0, 3)],
+                vec![(2, 2), (3, 3)],
+            ],
+            1,
+        );
+        // 3-d, split in the middle dimension; uneven rows with an empty chunk; 1-d; 0-d.
+        assemble(
+            &[2, 5, 3],
+            &[vec![(0, 2), (0, 2), (0, 3)], vec![(0, 2), (2, 3), (0, 3)]],
+            4,
+        );
+        assemble(
+            &[3, 2],
+            &[
+                vec![(0, 2), (0, 2)],
+                vec![(2, 1), (0, 2)],
+                vec![(3, 0), (0, 2)],
+            ],
+            8,
+        );
+        assemble(&[5], &[vec![(0, 2)], vec![(2, 3)]], 2);
+        assemble(&[], &[vec![]], 4);
+    }
+
+    #[test]
+    fn a_chunk_outside_its_tensor_or_of_the_wrong_size_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let data = [0u8; 16];
+        let chunk = |offsets: &'static [usize], sizes: &'static [usize]| Chunk {
+            name: "w",
+            data: &data,
+            tensor_offset: 8,
+            itemsize: 4,
+            shape: &[4],
+            offsets,
+            sizes,
+        };
+        for (offsets, sizes) in [(&[1usize][..], &[4usize][..]), (&[0][..], &[3][..])] {
+            let files = [FileWrites {
+                path: &path,
+                header: Some(b"x"),
+                chunks: vec![chunk(offsets, sizes)],
+            }];
+            let err = write_files(&files, false).unwrap_err();
+            assert!(err.to_string().contains("tensor `w`"), "{err}");
+            assert!(!path.exists());
+        }
+    }
+
+    #[test]
+    fn column_chunks_are_strided_runs() {
+        let data = [0u8; 6 * 2 * 4];
+        let c = Chunk {
+            name: "t",
+            data: &data,
+            tensor_offset: 100,
+            itemsize: 4,
+            shape: &[6, 4],
+            offsets: &[0, 2],
+            sizes: &[6, 2],
+        };
+        let r = runs(&c).unwrap();
+        assert_eq!(r.len(), 6);
+        assert_eq!(
+            r[1],
+            Run {
+                dst: 100 + (4 + 2) * 4,
+                src: 8,
+                len: 8
+            }
+        );
+    }
+}

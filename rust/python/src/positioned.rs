@@ -1,0 +1,105 @@
+//! The distributed checkpoint plugin's I/O: `write_chunks` writes a rank's chunks of tensors (and, on
+//! the coordinator, the headers) straight to their offsets in files every rank writes at once, with
+//! the GIL released; `publish_dir` renames the finished checkpoint directory into place.
+
+use std::path::PathBuf;
+
+use fastadapter_core::positioned::{publish_dir as core_publish, write_files, Chunk, FileWrites};
+use pyo3::buffer::PyUntypedBuffer;
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+
+use crate::errors::detached;
+
+/// (tensor name, C-contiguous buffer of the chunk, absolute file offset of the whole tensor,
+/// item size, whole shape, chunk offsets, chunk sizes).
+type PyChunk<'py> = (
+    String,
+    Bound<'py, PyAny>,
+    u64,
+    usize,
+    Vec<usize>,
+    Vec<usize>,
+    Vec<usize>,
+);
+
+fn contiguous(name: &str, obj: &Bound<'_, PyAny>) -> PyResult<PyUntypedBuffer> {
+    let buffer = PyUntypedBuffer::get(obj)?;
+    if !buffer.is_c_contiguous() {
+        return Err(PyValueError::new_err(format!(
+            "`{name}`: buffer is not C-contiguous"
+        )));
+    }
+    Ok(buffer)
+}
+
+fn bytes_of(b: &PyUntypedBuffer) -> &[u8] {
+    match b.len_bytes() {
+        // An empty export may carry a null pointer, which a slice must never hold.
+        0 => &[],
+        // SAFETY: the export `b` pins the memory for as long as the returned borrow of `b` lives.
+        len => unsafe { std::slice::from_raw_parts(b.buf_ptr() as *const u8, len) },
+    }
+}
+
+/// Write `files`, each `(path, header or None, [chunk, ...])`, opened without truncation (other
+/// processes write the rest of them); files in parallel. A chunk outside its tensor, or whose buffer
+/// does not hold exactly its bytes, is a `TensorError` raised before anything is written. Returns the
+/// bytes written.
+#[pyfunction]
+#[pyo3(signature = (files, fsync=false))]
+pub fn write_chunks(
+    py: Python<'_>,
+    files: Vec<(PathBuf, Option<Bound<'_, PyAny>>, Vec<PyChunk<'_>>)>,
+    fsync: bool,
+) -> PyResult<u64> {
+    // Every buffer export is held until the write is done: that keeps the memory valid while the GIL
+    // is released.
+    let mut exported = Vec::with_capacity(files.len());
+    for (path, header, chunks) in files {
+        let header = header
+            .map(|h| contiguous(&path.to_string_lossy(), &h))
+            .transpose()?;
+        let mut held = Vec::with_capacity(chunks.len());
+        for (name, obj, tensor_offset, itemsize, shape, offsets, sizes) in chunks {
+            let buffer = contiguous(&name, &obj)?;
+            held.push((name, buffer, tensor_offset, itemsize, shape, offsets, sizes));
+        }
+        exported.push((path, header, held));
+    }
+    let plan: Vec<FileWrites<'_>> = exported
+        .iter()
+        .map(|(path, header, held)| FileWrites {
+            path,
+            header: header.as_ref().map(bytes_of),
+            chunks: held
+                .iter()
+                .map(
+                    |(name, buffer, tensor_offset, itemsize, shape, offsets, sizes)| Chunk {
+                        name,
+                        data: bytes_of(buffer),
+                        tensor_offset: *tensor_offset,
+                        itemsize: *itemsize,
+                        shape,
+                        offsets,
+                        sizes,
+                    },
+                )
+                .collect(),
+        })
+        .collect();
+    detached(py, || write_files(&plan, fsync))
+}
+
+/// Rename the finished checkpoint directory `staging` to `target`, atomically replacing a previous
+/// one; with `fsync`, the files and directories are flushed around the rename.
+#[pyfunction]
+#[pyo3(signature = (staging, target, fsync=false))]
+pub fn publish_dir(
+    py: Python<'_>,
+    staging: PathBuf,
+    target: PathBuf,
+    fsync: bool,
+) -> PyResult<PathBuf> {
+    detached(py, || core_publish(&staging, &target, fsync))
+}
