@@ -134,7 +134,7 @@ def _adapter_files(
     for name, subdir in layout:
         config = configs[name]
         embeddings = resolve_save_embedding_layers(host.model, config, save_embedding_layers)
-        weights = host.adapter_state_dict(name, embeddings, state_dict)
+        weights = _unsharded(host.adapter_state_dict(name, embeddings, state_dict))
         if not is_main_process:
             os.makedirs(os.path.join(save_directory, subdir), exist_ok=True)  # as PEFT does on every rank
             continue
@@ -191,6 +191,21 @@ def _stage_bin(files: FileSet, safetensors_target: str, state_dict: dict[str, to
 
     target = os.path.join(os.path.dirname(safetensors_target), ADAPTER_WEIGHTS_BIN)
     files.add(StagedByCallback(target, lambda path: torch.save(state_dict, path)))
+
+
+def _unsharded(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Sharded adapter weights (DTensors: FSDP2, tensor parallel) as the full tensors PEFT saves for the
+    unsharded model. Gathering is a collective, so every rank does it, main process or not; only the
+    adapter is gathered (small next to the model), never the base model."""
+    import sys
+
+    tensor_module = sys.modules.get("torch.distributed.tensor")
+    if tensor_module is None:  # never imported: no DTensor can exist
+        return weights
+    dtensor = tensor_module.DTensor
+    if not any(isinstance(t, dtensor) for t in weights.values()):
+        return weights
+    return {k: t.full_tensor() if isinstance(t, dtensor) else t for k, t in weights.items()}
 
 
 def _with_base(config: Any, base: str | None) -> Any:
