@@ -12,7 +12,7 @@ export PYO3_PYTHON := $(abspath $(PY))
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: all venv develop test test-rust test-python lint fmt demo bench clean fuzz-smoke
+.PHONY: all venv develop test test-rust test-python test-dcp lint fmt demo bench clean fuzz-smoke
 
 all: test
 
@@ -34,7 +34,12 @@ test-rust:
 	cargo test --quiet
 
 test-python: develop
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests --ignore=tests/dcp
+
+# Multi-process torch.distributed.checkpoint / FSDP2 tests (2 and 4 gloo ranks spawned per test, ~6 min on
+# 2 cores): their own target, run by .ci/run after `make test`.
+test-dcp: develop
+	$(PY) -m pytest -q tests/dcp
 
 # Needs the built extension: stubtest checks python/fastadapter/_core.pyi against the real fastadapter._core.
 lint: develop

@@ -45,6 +45,7 @@ ORDER = (
     "fastadapter_per_tensor",
     "fastadapter_peft",
     "fastadapter_transformers",
+    "fastadapter_per_rank",
     "peft",
     "peft_low_cpu_mem",
     "peft_load_adapter",
@@ -66,6 +67,10 @@ ORDER = (
     "memcpy",
     "torch_copy",
     "page_cache_write",
+    "torch_filesystem",
+    "torch_hf",
+    "torch_hf_consolidated",
+    "torch_hf_reader",
 )
 
 

@@ -1,0 +1,194 @@
+"""torch.distributed.checkpoint on 2 gloo ranks: fastadapter's StorageWriter/StorageReader against DCP's
+FileSystemWriter and torch's HuggingFaceStorageWriter (per-rank files, and consolidated afterwards), and
+the ceiling: each rank writing its bytes with one `write()` to a new file of its own.
+
+64 tensors, `Shard(0)` over the ranks (512 MiB; 64 MiB with FASTADAPTER_BENCH_QUICK=1), fp32. Every save
+goes to a fresh directory (the previous one removed and `os.sync()` untimed), no fsync for anyone
+(`sync_files=False`). The ranks are spawned once and kept; a round is the parent sending the command to
+both ranks and receiving both replies (the same pipe round trip for every contender).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import traceback
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from conftest import QUICK
+
+WORLD = 2
+TENSORS = 64
+ROWS, COLS = (256, 1024) if QUICK else (2048, 1024)  # fp32: 1 MiB / 8 MiB per tensor
+NBYTES = TENSORS * ROWS * COLS * 4
+BLOCKS = 1 if QUICK else 2
+ROUNDS = 1 if QUICK else 3
+SAVE_CONTENDERS = (
+    "fastadapter",
+    "fastadapter_per_rank",
+    "torch_filesystem",
+    "torch_hf",
+    "torch_hf_consolidated",
+    "raw_write",
+)
+LOAD_CONTENDERS = ("fastadapter", "torch_hf_reader")
+
+
+def _worker(rank: int, port: int, conn: Any) -> None:
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import (
+        FileSystemWriter,
+        HuggingFaceStorageReader,
+        HuggingFaceStorageWriter,
+    )
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor, zeros
+
+    from fastadapter.dcp import StorageReader, StorageWriter
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=WORLD,
+        timeout=timedelta(seconds=600),
+    )
+    mesh = init_device_mesh("cpu", (WORLD,))
+    g = torch.Generator().manual_seed(0)
+    state = {
+        f"layers.{i}.weight": distribute_tensor(torch.randn(ROWS, COLS, generator=g), mesh, [Shard(0)])
+        for i in range(TENSORS)
+    }
+    local = torch.cat([t.to_local().reshape(-1) for t in state.values()])
+    target = {k: zeros((ROWS, COLS), device_mesh=mesh, placements=[Shard(0)]) for k in state}
+
+    def save(contender: str, out: str) -> None:
+        if contender == "raw_write":
+            os.makedirs(out, exist_ok=True)
+            with open(os.path.join(out, f"rank-{rank}"), "wb") as f:
+                f.write(local.numpy().data)
+            dist.barrier()
+            return
+        if contender == "fastadapter":
+            writer: Any = StorageWriter(out, sync_files=False)
+        elif contender == "fastadapter_per_rank":
+            writer = StorageWriter(out, consolidate=False, sync_files=False)
+        elif contender == "torch_filesystem":
+            writer = FileSystemWriter(out, sync_files=False)
+        else:
+            writer = HuggingFaceStorageWriter(
+                out, save_distributed=True, enable_consolidation=contender == "torch_hf_consolidated"
+            )
+            writer.sync_files = False
+        dcp.save(state, storage_writer=writer)
+
+    def load(contender: str, path: str) -> None:
+        reader = StorageReader(path) if contender == "fastadapter" else HuggingFaceStorageReader(path)
+        dcp.load(target, storage_reader=reader)
+
+    while True:
+        command, contender, path = conn.recv()
+        if command == "stop":
+            break
+        try:
+            if command == "save":
+                save(contender, path)
+            elif command == "load":
+                load(contender, path)
+            elif command == "check":
+                for k, t in state.items():
+                    assert torch.equal(target[k].to_local(), t.to_local()), k
+            conn.send(("ok", None))
+        except Exception:
+            conn.send(("error", traceback.format_exc()))
+    dist.destroy_process_group()
+
+
+class Ranks:
+    def __init__(self) -> None:
+        from _dist_port import free_port  # type: ignore[import-not-found]
+
+        ctx = mp.get_context("spawn")
+        self.conns = []
+        self.procs = []
+        port = free_port()
+        for rank in range(WORLD):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=_worker, args=(rank, port, child), daemon=True)
+            p.start()
+            self.conns.append(parent)
+            self.procs.append(p)
+
+    def run(self, command: str, contender: str, path: str) -> None:
+        for c in self.conns:
+            c.send((command, contender, path))
+        replies = [c.recv() for c in self.conns]
+        errors = [r[1] for r in replies if r[0] != "ok"]
+        if errors:
+            raise RuntimeError(errors[0])
+
+    def stop(self) -> None:
+        for c in self.conns:
+            c.send(("stop", "", ""))
+        for p in self.procs:
+            p.join(60)
+
+
+@pytest.fixture(scope="module")
+def ranks() -> Iterator[tuple[Ranks, Path]]:
+    root = Path(tempfile.mkdtemp(prefix="fastadapter-bench-dcp-"))
+    r = Ranks()
+    r.run("save", "fastadapter", str(root / "readme"))  # the checkpoint both readers load
+    try:
+        yield r, root
+    finally:
+        r.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _schedule(contenders: tuple[str, ...]) -> list[tuple[int, str]]:
+    n = len(contenders)
+    return [(b, contenders[(b + i) % n]) for b in range(BLOCKS) for i in range(n)]
+
+
+@pytest.mark.parametrize(
+    ("block", "contender"),
+    _schedule(SAVE_CONTENDERS),
+    ids=[f"b{b}-{c}" for b, c in _schedule(SAVE_CONTENDERS)],
+)
+def test_dcp_save(benchmark: Any, ranks: tuple[Ranks, Path], block: int, contender: str) -> None:
+    r, root = ranks
+    out = root / f"save-{contender}"
+
+    def fresh() -> None:
+        shutil.rmtree(out, ignore_errors=True)
+        os.sync()
+
+    benchmark.group = f"dcp save, {WORLD} gloo ranks, Shard(0)"
+    benchmark.extra_info.update(contender=contender, block=block, bytes=NBYTES, tensors=TENSORS)
+    benchmark.pedantic(
+        lambda: r.run("save", contender, str(out)), setup=fresh, rounds=ROUNDS, warmup_rounds=1
+    )
+
+
+@pytest.mark.parametrize(
+    ("block", "contender"),
+    _schedule(LOAD_CONTENDERS),
+    ids=[f"b{b}-{c}" for b, c in _schedule(LOAD_CONTENDERS)],
+)
+def test_dcp_load(benchmark: Any, ranks: tuple[Ranks, Path], block: int, contender: str) -> None:
+    r, root = ranks
+    benchmark.group = f"dcp load of the consolidated checkpoint, {WORLD} gloo ranks, Shard(0)"
+    benchmark.extra_info.update(contender=contender, block=block, bytes=NBYTES, tensors=TENSORS)
+    benchmark.pedantic(lambda: r.run("load", contender, str(root / "readme")), rounds=ROUNDS, warmup_rounds=1)
+    r.run("check", contender, "")
