@@ -64,7 +64,8 @@ fuzz-smoke:
 # The README's test command: bootstrap, Rust tests, lint, Python tests, fuzz smoke. Fails on any failure.
 test: develop test-rust lint test-python fuzz-smoke
 
-# The README's main job: a generated model, LoRA added, saved by fastadapter and by PEFT, files compared.
+# The README's main job on a generated Llama + LoRA: save, load, convert (and a hostile .bin), checkpoint;
+# each checked against PEFT / torch and timed against it; one summary table, non-zero exit on a failed check.
 demo: develop
 	$(PY) scripts/demo.py
 
