@@ -178,8 +178,6 @@ pub fn convert_zip(
             }),
             // One writer: the file's inode lock serialises buffered writes anyway (see WriteOptions).
             parallel: false,
-            // A new, not fsynced output is left to the page cache, as `cp` leaves its copy.
-            defer_writeback: !options.fsync && !dst.exists(),
         },
     )?;
     if let Some(fused) = &fused {
