@@ -302,3 +302,50 @@ def assert_reloads_like_peft(
     assert torch.equal(logits(ours, inputs), expected)
     if same_as_original:
         assert torch.equal(expected, logits(model, inputs))
+
+
+# --- whole-model state (the patch tests: routed and original calls must leave the same model) ----------
+
+
+def model_state(model: nn.Module) -> dict[str, Any]:
+    """Everything a load can change, comparable with ==: the module tree (types, training flags, each LoRA
+    layer's active adapters), every parameter and buffer (kind, dtype, device, requires_grad, values), and
+    PEFT's bookkeeping (configs, active adapter, targeted modules)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    modules = {
+        name: (
+            type(m).__name__,
+            m.training,
+            list(m.active_adapters) if isinstance(m, BaseTunerLayer) else None,
+            {k: v for k, v in vars(m).items() if k in ("r", "lora_alpha", "scaling")},
+        )
+        for name, m in model.named_modules()
+    }
+    tensors = {
+        name: (type(t).__name__, t.dtype, t.device, t.requires_grad, t.detach().cpu().tolist())
+        for name, t in [*model.named_parameters(), *model.named_buffers()]
+    }
+    configs = getattr(model, "peft_config", None) or {}
+    books: dict[str, Any] = {name: _config_dict(c) for name, c in configs.items()}
+    base = getattr(model, "base_model", None)
+    books["__active__"] = getattr(model, "active_adapter", None)
+    books["__targeted__"] = list(getattr(base, "targeted_module_names", []) or [])
+    books["__hf_loaded__"] = getattr(model, "_hf_peft_config_loaded", None)
+    return {"modules": modules, "tensors": tensors, "peft": books}
+
+
+def _config_dict(config: Any) -> dict[str, Any]:
+    d = dict(config.to_dict())
+    for key, value in d.items():
+        if isinstance(value, (set, frozenset)):
+            d[key] = sorted(value)
+    return d
+
+
+def assert_same_state(got: dict[str, Any], expected: dict[str, Any]) -> None:
+    """`model_state` of two models equal, with the first difference named."""
+    for part in ("modules", "peft", "tensors"):
+        assert list(got[part]) == list(expected[part]), part
+        for key, value in expected[part].items():
+            assert got[part][key] == value, f"{part}: {key}"

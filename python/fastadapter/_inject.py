@@ -15,7 +15,7 @@ import sys
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -64,9 +64,12 @@ class Plan:
         default_factory=list
     )  # path, parent, name, mod
     first_injection: bool = True
-    # Every module of the model as planning saw it (named_modules order, each once): what a first
-    # injection freezes, without walking the model again.
+    # Every module of the model as planning saw it (each once): what a first injection freezes and
+    # eval() sets, without walking the model again.
     modules: list[nn.Module] = field(default_factory=list)
+    # The LoRA layers (`layer_types`) among them; whether any is a modules_to_save wrapper.
+    layers: list[nn.Module] = field(default_factory=list)
+    has_wrappers: bool = False
 
 
 def get_submodule_parent(
@@ -194,6 +197,51 @@ def _kind(base: Any) -> str | None:
     return None
 
 
+def _walk(
+    model: nn.Module, layer_types: tuple[type[Any], ...]
+) -> tuple[list[tuple[str, nn.Module]], list[nn.Module], set[type[Any]]]:
+    """`model.named_modules()` (its order, each module once) without the modules inside LoRA layers, which
+    are never targets: those come as a plain list. Also the LoRA layer classes met. Written out because
+    on a model holding a thousand LoRA layers, named_modules' generators (one per module, keys built for
+    every module inside every layer) cost more than the rest of a plan."""
+    is_layer: dict[type[Any], bool] = {}
+    seen = {id(model)}
+    named: list[tuple[str, nn.Module]] = [("", model)]
+    inside: list[nn.Module] = []
+
+    def layer_class(t: type[Any]) -> bool:
+        known = is_layer.get(t)
+        if known is None:
+            known = is_layer[t] = issubclass(t, layer_types)
+        return known
+
+    def within(module: nn.Module) -> None:
+        for child in module._modules.values():
+            if child is not None and id(child) not in seen:
+                seen.add(id(child))
+                inside.append(child)
+                if child._modules:
+                    within(child)
+
+    def outside(prefix: str, module: nn.Module) -> None:
+        for name, child in module._modules.items():
+            if child is None or id(child) in seen:
+                continue
+            seen.add(id(child))
+            key = prefix + name
+            named.append((key, child))
+            if layer_class(type(child)):
+                within(child)
+            elif child._modules:
+                outside(key + ".", child)
+
+    if layer_class(type(model)):
+        within(model)
+    else:
+        outside("", model)
+    return named, inside, {t for t, layer in is_layer.items() if layer}
+
+
 def plan(
     model: nn.Module,
     config: AdapterConfig,
@@ -205,44 +253,48 @@ def plan(
     """Decide what to adapt, checking everything; `config` may be rewritten as PEFT rewrites it (all-linear,
     long target lists, fan_in_fan_out). `layer_types` / `wrapper_types`: the LoRA layers and
     modules_to_save wrappers the model may hold already (fastadapter's, or PEFT's)."""
-    named = list(model.named_modules())
+    named, inside, layer_classes = _walk(model, layer_types)
     by_path = dict(named)
-    lora_prefixes = [k + "." for k, m in named if isinstance(m, layer_types)]
+    wrapper_classes = {t for t in {type(m) for _, m in named} if issubclass(t, wrapper_types)}
+    lora = [(k, m) for k, m in named if type(m) in layer_classes]
+    lora_prefixes = [k + "." for k, _ in lora]
     result = Plan(
         config,
-        first_injection=not lora_prefixes and not any(isinstance(m, wrapper_types) for _, m in named),
-        modules=[m for _, m in named],
+        first_injection=not lora and not wrapper_classes,
+        modules=[*(m for _, m in named), *inside],
+        layers=[m for _, m in lora],
+        has_wrappers=bool(wrapper_classes),
     )
     if isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR:
         _resolve_all_linear(config, model, layer_types)
     target = config.target_modules
     if isinstance(target, set) and len(target) >= MIN_TARGET_MODULES_FOR_OPTIMIZATION:
-        keys = [k for k, _ in named]
+        keys = [k for k, _ in model.named_modules()]  # PEFT's list: the keys inside LoRA layers too
         others = [k for k in keys if k not in target and not k.endswith(tuple("." + t for t in target))]
         smaller = _minimal_target_modules(target, others)
         if len(smaller) < len(target):
             config.target_modules = smaller
 
     excluded = unmatched = 0
-    inside_lora = tuple(lora_prefixes)  # str.startswith takes a tuple: one call per module
     rank_pattern, alpha_pattern = config.rank_pattern, config.alpha_pattern
     for key, module in named:
-        if not key or (inside_lora and key.startswith(inside_lora)):
+        if not key:
             continue
+        is_layer = type(module) in layer_classes
         if not target_matches(config, key):
             if _excluded(config, key):
                 excluded += 1
             else:
                 unmatched += 1
             continue
-        base = module.base_layer if isinstance(module, layer_types) else module
+        base = module.base_layer if is_layer else module
         kind = _kind(base)
         if kind is None:
             raise TargetModuleError(
                 f"target module `{key}` is a {type(base).__name__}; fastadapter adapts nn.Linear, "
                 "transformers Conv1D and nn.Embedding"
             )
-        if isinstance(module, layer_types) and adapter_name in module.r:
+        if is_layer and adapter_name in cast(Any, module).r:
             raise TargetModuleError(f"module `{key}` already holds an adapter named {adapter_name!r}")
         if kind == "embedding" and config.use_dora:
             raise UnsupportedAdapterError(

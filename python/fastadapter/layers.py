@@ -82,6 +82,14 @@ def empty_module_dict() -> nn.ModuleDict:
     return m
 
 
+def empty_parameter_dict() -> nn.ParameterDict:
+    """`nn.ParameterDict()` through `init_module` (its __init__ also sets `_keys`, the key order)."""
+    m = nn.ParameterDict.__new__(nn.ParameterDict)
+    init_module(m)
+    m.__dict__["_keys"] = {}
+    return m
+
+
 def fast_linear(weight: nn.Parameter, bias: nn.Parameter | None = None) -> nn.Linear:
     """An `nn.Linear` around existing parameters, skipping `__init__`'s allocation and random init."""
     m = nn.Linear.__new__(nn.Linear)

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 from safetensors import SafetensorError, safe_open
+from test_core_io import compact_json, f32_entry, raw_file
 
 import fastadapter
 from fastadapter import _core
-from test_core_io import compact_json, f32_entry, raw_file
 
 
 def entry(dtype: str, shape: list[int], start: int, end: int) -> dict[str, object]:

@@ -36,9 +36,11 @@ from helpers import (
     CONFIG,
     SAFETENSORS,
     assert_same_config,
+    assert_same_state,
     logits,
     lora_config,
     make_peft,
+    model_state,
     perturb_trainable,
     safetensors_keys,
     tiny_gpt2,
@@ -360,6 +362,27 @@ def test_a_second_adapter_loaded_by_fastadapter_switches_like_load_adapter(
     for model in (theirs, ours):
         model.delete_adapter("other")
     assert_same_adapter_state(ours, theirs)
+
+
+@pytest.mark.parametrize("first_trainable", [False, True], ids=["first-frozen", "first-trainable"])
+@pytest.mark.parametrize("is_trainable", [False, True], ids=["inference", "trainable"])
+def test_a_further_adapter_leaves_the_whole_model_state_as_load_adapter(
+    tmp_path: Path, is_trainable: bool, first_trainable: bool
+) -> None:
+    """fastadapter activates and sets eval() on the modules the plan saw, without walking the model: the
+    train flags and requires_grad of every module and tensor must still be transformers' own."""
+    first = peft_dir(tmp_path, tiny_llama, {}, seed=1)
+    second = peft_dir(tmp_path, tiny_llama, OTHER, seed=5)
+
+    def build() -> Any:
+        model = tiny_llama()
+        model.load_adapter(str(first), adapter_name="default", is_trainable=first_trainable)
+        return model.train() if first_trainable else model
+
+    theirs, ours = build(), build()
+    theirs.load_adapter(str(second), adapter_name="other", is_trainable=is_trainable)
+    fastadapter.load(ours, second, adapter_name="other", is_trainable=is_trainable)
+    assert_same_state(model_state(ours), model_state(theirs))
 
 
 # Every torch.nn.init function a layer's construction or PEFT's reset_lora_parameters may call.

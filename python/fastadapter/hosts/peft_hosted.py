@@ -10,6 +10,8 @@ tensors are assigned: slower, the same result.
 
 from __future__ import annotations
 
+import sys
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -41,10 +43,21 @@ def wrapper_types() -> tuple[type[Any], ...]:
     return (AuxiliaryTrainingWrapper,)
 
 
+@dataclass
+class Built:
+    """What the model holds after the fast way added an adapter: its LoRA layers and all its modules
+    (the tuned model's), known from the plan's walk and what the factory made, so that activation and
+    eval() need not walk the model again (on 1024 targets those walks cost more than the rest of a load)."""
+
+    layers: list[nn.Module]
+    modules: list[nn.Module]
+    first_injection: bool
+
+
 class PeftLayersHost(AdapterHost):
     """Hosts whose adapters live in PEFT's layers."""
 
-    first_built: tuple[list[nn.Module], list[nn.Module]] | None = None
+    built: Built | None = None  # set by the fast way, for `activate_loaded`
 
     def tuned_model(self) -> nn.Module:
         """The model whose modules hold the LoRA layers (keys of the file are relative to it)."""
@@ -141,7 +154,7 @@ class PeftLayersHost(AdapterHost):
             device=device,
             dtype=dtype,
         )
-        if p.save_targets or any(isinstance(m, wrapper_types()) for m in p.modules):
+        if p.save_targets or p.has_wrappers:
             raise TemplateMismatch("the model has modules_to_save wrappers")  # PEFT's way handles them
         factory = LayerFactory(model, config, name)
         for t in p.targets:
@@ -155,21 +168,19 @@ class PeftLayersHost(AdapterHost):
                     if param is not None and param.requires_grad:
                         param.requires_grad_(False)
         self.register_config(name, config)
-        built: list[nn.Module] = []
+        layers = list(p.layers)
         for t in p.targets:
             if t.module is t.base:
                 layer = factory.new_layer(t, a.lora[t.path])  # type: ignore[arg-type]
                 install(t, layer)  # type: ignore[arg-type]
-                built.append(layer)
+                layers.append(layer)
             else:
                 factory.add_to_existing(t.module, t, a.lora[t.path])  # type: ignore[arg-type]
         with torch.no_grad():
             for existing, value in a.others:
                 existing.copy_(value)
         self.after_injection(name, config, [t.path for t in p.targets], is_trainable=is_trainable)
-        # A first injection's layers are all the model's LoRA layers, and p.modules all its other modules:
-        # activation need not walk the model to find them.
-        self.first_built = (built, p.modules) if p.first_injection else None
+        self.built = Built(layers, [*p.modules, *factory.created], p.first_injection)
 
     def register_config(self, name: str, config: Any) -> None:
         self.configs()[name] = config
@@ -253,6 +264,47 @@ class PeftLayersHost(AdapterHost):
             self.remove_adapter(name)
             _restore(before)
             raise
+
+
+def activate_layer(layer: Any, name: str, *, trainable: bool) -> None:
+    """PEFT's `BaseTunerLayer.set_adapter(name, inference_mode=not trainable)`: `name` active, its weights
+    trainable (or not), every other adapter's frozen; a flag changes only where it differs."""
+    layer.__dict__["_active_adapter"] = [name]
+    modules = layer._modules
+    for field in layer.adapter_layer_names:
+        container = modules[field] if field in modules else getattr(layer, field)
+        for key, entry in container.items():
+            wanted = trainable and key == name
+            if isinstance(entry, torch.Tensor):
+                params: Any = (entry,)
+            else:  # a leaf module (lora_A's nn.Linear): its own parameters, without a generator walk
+                params = entry._parameters.values() if not entry._modules else entry.parameters()
+            for param in params:
+                if param is None:
+                    continue
+                if param.is_leaf and param.requires_grad != wanted:
+                    param.requires_grad_(wanted)
+    if layer.frozen_peft_weight_names:
+        layer._freeze_non_trainable_peft_weights([name])
+
+
+def set_training(root: nn.Module, modules: list[nn.Module], mode: bool) -> None:
+    """`root.train(mode)` when `modules` are all of root's modules: nn.Module.train sets one flag per module,
+    and its recursive walk costs more than the flags. A module with a `train` of its own gets torch's
+    walk, except transformers' PreTrainedModel.train without kernels (then it only sets the flag)."""
+    own_train = [t for t in {type(m) for m in modules} if t.train is not nn.Module.train]
+    if own_train:
+        # PreTrainedModel.train re-applies kernels after a mode change, when the model uses them.
+        hf = sys.modules.get("transformers.modeling_utils")
+        pretrained = getattr(hf, "PreTrainedModel", None)
+        if pretrained is None or any(t.train is not pretrained.train for t in own_train):
+            root.train(mode)
+            return
+        if any(getattr(m, "_use_kernels", False) for m in modules if type(m) in own_train):
+            root.train(mode)
+            return
+    for m in modules:
+        m.__dict__["training"] = mode
 
 
 Trainability = tuple[list[tuple[nn.Module, bool]], list[tuple[nn.Parameter, bool]]]

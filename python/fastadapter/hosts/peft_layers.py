@@ -18,7 +18,7 @@ from typing import Any, cast
 from torch import nn
 
 from .._inject import Target
-from ..layers import empty_module_dict, fast_linear, init_module
+from ..layers import empty_module_dict, empty_parameter_dict, fast_linear, init_module
 
 # nn.Module's own fields: `init_module` makes them fresh for every copy.
 _MODULE_FIELDS = frozenset(
@@ -75,6 +75,9 @@ class LayerFactory:
     def __init__(self, model: nn.Module, config: Any, name: str) -> None:
         self.model, self.config, self.name = model, config, name
         self._templates: dict[str, nn.Module] = {}
+        # Every module this factory made (layers, containers, entries): with the modules the model had
+        # before, all its modules, so that activation need not walk the model to find them.
+        self.created: list[nn.Module] = []
 
     def template(self, t: Target) -> nn.Module:
         """PEFT's own layer for a target of this kind, built on the meta device (no init cost)."""
@@ -128,9 +131,11 @@ class LayerFactory:
         self._settings(d, t)
         modules = layer._modules
         modules["base_layer"] = t.base
+        self.created.append(layer)
         for field, container in _containers(template):
             fresh = _empty_like(container)
             modules[field] = fresh
+            self.created.append(fresh)
             self._fill(field, fresh, container, tensors)
         return layer
 
@@ -160,15 +165,19 @@ class LayerFactory:
     ) -> None:
         name = self.name
         entry = container._modules.get(name)
+        made: nn.Module | None = None
         if field == "lora_A":
-            fresh._modules[name] = fast_linear(tensors["lora_A.weight"])
+            made = fast_linear(tensors["lora_A.weight"])
         elif field == "lora_B":
-            fresh._modules[name] = fast_linear(tensors["lora_B.weight"], tensors.get("lora_B.bias"))
+            made = fast_linear(tensors["lora_B.weight"], tensors.get("lora_B.bias"))
         elif field in ("lora_embedding_A", "lora_embedding_B"):
             if name in container._parameters:
                 cast(nn.ParameterDict, fresh)[name] = tensors[field]  # keeps the dict's key list in step
         elif entry is not None:
-            fresh._modules[name] = _stateless_copy(entry)  # dropout: Identity or Dropout(p)
+            made = _stateless_copy(entry)  # dropout: Identity or Dropout(p)
+        if made is not None:
+            fresh._modules[name] = made
+            self.created.append(made)
 
 
 def _check_template(template: nn.Module) -> None:
@@ -200,7 +209,7 @@ def _containers(layer: nn.Module) -> list[tuple[str, nn.Module]]:
 def _empty_like(container: nn.Module) -> nn.Module:
     if type(container) is nn.ModuleDict:
         return empty_module_dict()
-    return nn.ParameterDict()
+    return empty_parameter_dict()
 
 
 def _stateless_copy(module: nn.Module) -> nn.Module:

@@ -11,7 +11,7 @@ from torch import nn
 from .. import _peft_files
 from .._peft_state import lora_state_dict
 from ..names import MODEL_CARD
-from .peft_hosted import PeftLayersHost
+from .peft_hosted import PeftLayersHost, activate_layer, set_training
 
 
 class PeftHost(PeftLayersHost):
@@ -40,8 +40,9 @@ class PeftHost(PeftLayersHost):
         config = self.configs()[name]
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         if state_dict is not None or distributed or config.peft_type != "LORA":
-            # Caller-provided state dicts, sharded models (their state_dict is a collective) and non-LoRA
-            # methods take PEFT's own selection; the bytes are still written by fastadapter.
+            # Caller-provided state dicts, sharded models (their state_dict is a collective), non-LoRA
+            # methods and models whose `state_dict` is overridden or hooked take PEFT's own selection (it
+            # starts from `model.state_dict()`); the bytes are still written by fastadapter.
             from peft.utils.save_and_load import get_peft_model_state_dict
 
             selected: dict[str, torch.Tensor] = get_peft_model_state_dict(
@@ -70,10 +71,23 @@ class PeftHost(PeftLayersHost):
         self.peft_model.add_adapter(name, config, low_cpu_mem_usage=True)
 
     def activate_loaded(self, name: str, *, is_trainable: bool) -> None:
-        # fastadapter.load activates what it loaded; `PeftModel.load_adapter` ends in eval() unless trainable.
-        self.peft_model.set_adapter(name, inference_mode=not is_trainable)
+        # fastadapter.load activates what it loaded: `PeftModel.set_adapter(name, inference_mode=...)`;
+        # `PeftModel.load_adapter` ends in eval() unless trainable.
+        peft_model = self.peft_model
+        built = self.built
+        if built is None or any(layer.merged for layer in built.layers):
+            peft_model.set_adapter(name, inference_mode=not is_trainable)  # it warns and unmerges
+            if not is_trainable:
+                peft_model.eval()
+            return
+        # PEFT's set_adapter on the known layers (the fast way leaves no modules_to_save wrappers, whose
+        # activation PEFT's walk would also do): the adapter active everywhere, only it trainable.
+        for layer in built.layers:
+            activate_layer(layer, name, trainable=is_trainable)
+        peft_model.base_model.active_adapter = name
+        peft_model.active_adapter = name
         if not is_trainable:
-            self.peft_model.eval()
+            set_training(peft_model, [peft_model, peft_model.base_model, *built.modules], False)
 
     # --- managing ---------------------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from torch import nn
 from .._inject import plan
 from ..names import GENERATION_CONFIG
 from .base import AdapterHost, rendered
-from .peft_hosted import PeftLayersHost, lora_layer_types, wrapper_types
+from .peft_hosted import PeftLayersHost, lora_layer_types, set_training, wrapper_types
 
 if TYPE_CHECKING:
     from .._read import Incoming
@@ -141,22 +141,20 @@ class TransformersHost(PeftLayersHost):
     def activate_loaded(self, name: str, *, is_trainable: bool) -> None:
         # transformers' `load_adapter`: the new adapter is active on every LoRA layer (its new LoraModel
         # activates it); loaded for inference, the model goes to eval() and every LoRA layer is frozen.
-        if self.first_built is not None:
-            # Built just now with requires_grad = is_trainable, the base frozen: only mode and activation.
-            layers, others = self.first_built
-            for layer in layers:
-                layer.__dict__["_active_adapter"] = [name]
-            if not is_trainable:
-                _eval(self.model, [*others, *(m for layer in layers for m in layer.modules())])
-            return
-        lora = lora_layer_types()
-        layers = [m for m in self.model.modules() if isinstance(m, lora)]
+        built = self.built
+        if built is not None:
+            layers, modules = built.layers, built.modules
+        else:
+            modules = list(self.model.modules())
+            layers = [m for m in modules if isinstance(m, lora_layer_types())]
         for layer in layers:
             layer.__dict__["_active_adapter"] = [name]
         if not is_trainable:
-            self.model.eval()
-            for layer in layers:
-                layer.requires_grad_(False)
+            set_training(self.model, modules, False)
+            # A first injection built its layers frozen, around a base it froze: nothing left to freeze.
+            if built is None or not built.first_injection:
+                for layer in layers:
+                    layer.requires_grad_(False)
 
     # --- managing ---------------------------------------------------------------------------------------
 
@@ -203,16 +201,6 @@ class TransformersHost(PeftLayersHost):
         model.__dict__.pop("peft_config", None)
         model._hf_peft_config_loaded = False
         return model  # type: ignore[no-any-return]
-
-
-def _eval(model: nn.Module, modules: list[nn.Module]) -> None:
-    """`model.eval()` for a model whose modules are `modules` (nn.Module.train sets one flag per module;
-    its walk costs more than the rest of a 1024-layer load); a module with its own `train` gets torch's."""
-    if any(type(m).train is not nn.Module.train for m in modules):
-        model.eval()
-        return
-    for m in modules:
-        m.__dict__["training"] = False
 
 
 def _sorted(values: Any) -> list[Any]:
