@@ -21,6 +21,7 @@ __all__ = [
     "plan_header",
     "publish_checkpoint",
     "publish_dir",
+    "read_chunks",
     "select_keys",
     "stage_bytes",
     "wait_released",
@@ -133,6 +134,13 @@ def write_chunks(
 
 def publish_dir(staging: str | PathLike[str], target: str | PathLike[str], fsync: bool = False) -> Path:
     """Rename the written directory `staging` to `target`, atomically replacing a previous one."""
+
+def read_chunks(
+    path: str | PathLike[str],
+    chunks: Sequence[tuple[str, Buffer, int, int, Sequence[int], Sequence[int], Sequence[int]]],
+) -> int:
+    """Read each block (name, writable buffer, stored tensor's offset, item size, stored shape, block
+    offsets, block sizes) of `path` into its buffer with positional reads, GIL released."""
 
 @final
 class CheckpointJob:

@@ -26,7 +26,9 @@ def run_ranks(fn: Callable[..., None], world: int, *args: Any, timeout_s: float 
     mp.start_processes(_main, args=(fn, world, port, timeout_s, args), nprocs=world, start_method="spawn")
 
 
-def _main(rank: int, fn: Callable[..., None], world: int, port: int, timeout_s: float, args: tuple[Any, ...]) -> None:
+def _main(
+    rank: int, fn: Callable[..., None], world: int, port: int, timeout_s: float, args: tuple[Any, ...]
+) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     dist.init_process_group(

@@ -61,11 +61,12 @@ def die_while_writing(rank: int, world: int, path: Path) -> None:
 
 def test_rank_killed_mid_save_leaves_the_previous_checkpoint(tmp_path: Path) -> None:
     path = tmp_path / "ckpt"
-    with pytest.raises(Exception, match="signal|SIGKILL|exit"):
+    with pytest.raises(Exception, match=r"signal|SIGKILL|exit"):
         run_ranks(die_while_writing, 2, path, timeout_s=20)
     before = sorted(p.name for p in path.iterdir())
     assert before[:2] == ["dcp_objects.json", "model.safetensors"]
-    assert len(before) == 3 and before[2].startswith("objects-")
+    assert len(before) == 3
+    assert before[2].startswith("objects-")
     got = loaded(path)
     for i in range(3):
         assert torch.equal(got[f"w{i}"], torch.full((64, 32), 1.0 + i))
@@ -105,11 +106,13 @@ def async_saves(rank: int, world: int, root: Path) -> None:
 def test_failed_save_keeps_published_files_and_async_saves_publish(tmp_path: Path) -> None:
     run_ranks(fail_then_succeed, 2, tmp_path / "ckpt")
     got = loaded(tmp_path / "ckpt")
-    assert torch.equal(got["w0"], torch.full((64, 32), 3.0)) and got["step"] == 3
+    assert torch.equal(got["w0"], torch.full((64, 32), 3.0))
+    assert got["step"] == 3
     run_ranks(async_saves, 2, tmp_path)
     for kind in ("thread", "process"):
         got = loaded(tmp_path / kind)
-        assert torch.equal(got["w2"], torch.full((64, 32), 6.0)) and got["step"] == 4
+        assert torch.equal(got["w2"], torch.full((64, 32), 6.0))
+        assert got["step"] == 4
 
 
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")  # warned on DCP's thread
@@ -140,5 +143,6 @@ def test_a_directory_with_other_files_is_refused_not_replaced(tmp_path: Path) ->
     (tmp_path / "config.json").write_text("{}")
     with pytest.warns(UserWarning, match="single process"), pytest.raises(CheckpointException) as failed:
         dcp.save({"w": torch.ones(2)}, storage_writer=StorageWriter(tmp_path), no_dist=True)
-    assert "FileExistsError" in str(failed.value.failures) and "config.json" in str(failed.value.failures)
+    assert "FileExistsError" in str(failed.value.failures)
+    assert "config.json" in str(failed.value.failures)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]

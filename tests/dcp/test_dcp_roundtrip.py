@@ -64,7 +64,9 @@ def assert_holds_full(state: dict[str, torch.Tensor]) -> None:
 
 
 def load_with(reader: dcp.StorageReader, no_dist: bool = False) -> None:
-    state = sharded(saving=False) if not no_dist else {k: torch.zeros_like(v) for k, v in full_tensors().items()}
+    state = (
+        sharded(saving=False) if not no_dist else {k: torch.zeros_like(v) for k, v in full_tensors().items()}
+    )
     dcp.load(state, storage_reader=reader, no_dist=no_dist)
     assert_holds_full(state)
 
@@ -73,7 +75,9 @@ def save_two_ways(rank: int, world: int, root: Path) -> None:
     state = sharded(saving=True)
     dcp.save(state, storage_writer=StorageWriter(root / "ours", sync_files=False))
     dcp.save(state, storage_writer=StorageWriter(root / "ours_per_rank", consolidate=False, sync_files=False))
-    dcp.save(state, storage_writer=HuggingFaceStorageWriter(str(root / "torch_sharded"), save_distributed=True))
+    dcp.save(
+        state, storage_writer=HuggingFaceStorageWriter(str(root / "torch_sharded"), save_distributed=True)
+    )
     dist.barrier()
     # Ours, read back by ours and by torch's reader; torch's per-rank files and our per-rank files by ours.
     load_with(StorageReader(root / "ours"))

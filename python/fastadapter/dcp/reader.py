@@ -3,8 +3,8 @@ safetensors checkpoints into any sharding.
 
 It reads every `*.safetensors` file directly under `path`: the Hub's layout (full tensors, one file or
 shards + index), DCP's per-rank layout (chunks placed by `DCP_SHARDING_INFO`), ours. The metadata comes
-from the headers alone (the Rust core validates them; no tensor is read). `read_data` maps each file
-and copies only the slice each read item asks for, straight from the mapping into the rank's tensor:
+from the headers alone (the Rust core validates them; no tensor is read). `read_data` reads only the
+block each read item asks for, with positional reads straight into the rank's tensor (GIL released):
 a rank that holds a slice never materialises the whole tensor, so N ranks can load what M wrote.
 """
 
@@ -33,9 +33,9 @@ from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPla
 from torch.distributed.checkpoint.storage import StorageReader as _DcpStorageReader
 from torch.futures import Future
 
+from .. import _core
 from .._core import SafetensorsFile
 from .._dtypes import SAFETENSORS_TO_TORCH
-from .._tensors import mapped_tensors
 from ..errors import HeaderError, TensorError
 from .writer import OBJECTS_INDEX
 
@@ -146,22 +146,41 @@ class StorageReader(_DcpStorageReader):
         return future
 
     def _read_tensors(self, name: str, items: list[ReadItem], planner: LoadPlanner) -> None:
-        file = SafetensorsFile(os.path.join(self.path, name))
-        stored = {i.storage_index: self.storage_data[i.storage_index] for i in items}
-        records = {s.record[0]: s.record for s in stored.values() if isinstance(s, _Stored)}
-        # Views of the file's mapping: nothing is read until a slice of one is copied.
-        views = mapped_tensors(file, records.values())
+        """Each item's block read from the file with positional reads straight into its target tensor
+        (one copy, page cache to tensor) when the target is a contiguous CPU tensor of the file's
+        dtype; otherwise into a buffer of the block's size, then copied (moved to the device, cast)."""
+        path = os.path.join(self.path, name)
+        reads = []
+        pending: list[tuple[ReadItem, torch.Tensor, torch.Tensor]] = []
         for item in items:
-            source = views[item.storage_index.fqn]
-            for dim, (start, length) in enumerate(zip(item.storage_offsets, item.lengths, strict=True)):
-                source = source.narrow(dim, start, length)
+            stored = self.storage_data[item.storage_index]
+            assert isinstance(stored, _Stored)
+            fqn, dtype, shape, start, _ = stored.record
+            file_dtype = SAFETENSORS_TO_TORCH[dtype]
             target = planner.resolve_tensor(item).detach()
-            if target.shape != source.shape:
+            if tuple(target.shape) != tuple(item.lengths):
                 raise TensorError(
-                    f"{file.path}: tensor `{item.storage_index.fqn}`: slice of shape {tuple(source.shape)} "
-                    f"read into a tensor of shape {tuple(target.shape)}"
+                    f"{path}: tensor `{fqn}`: a block of shape {tuple(item.lengths)} read into a tensor of "
+                    f"shape {tuple(target.shape)}"
                 )
-            target.copy_(source)
+            direct = target.device.type == "cpu" and target.dtype == file_dtype and target.is_contiguous()
+            buffer = target if direct else torch.empty(tuple(item.lengths), dtype=file_dtype)
+            reads.append(
+                (
+                    fqn,
+                    buffer.reshape(-1).view(torch.uint8).numpy().data,
+                    start,
+                    file_dtype.itemsize,
+                    shape,
+                    list(item.storage_offsets),
+                    list(item.lengths),
+                )
+            )
+            pending.append((item, target, buffer))
+        _core.read_chunks(path, reads)
+        for item, target, buffer in pending:
+            if buffer is not target:
+                target.copy_(buffer)
             planner.commit_tensor(item, target)
 
     def _read_objects(self, name: str, items: list[ReadItem], planner: LoadPlanner) -> None:

@@ -6,7 +6,8 @@
 //! tensor of `shape`, row-major) lands in the file as runs: one run when it spans whole rows of every
 //! trailing dimension (a `Shard(0)` slice), otherwise one run per row of its last partial dimension
 //! (`Shard(1)`: strided runs). Files are opened without truncation, because other processes write the
-//! other runs of the same files at the same time; nothing here is ever read back.
+//! other runs of the same files at the same time. Reading a block back ([`read_chunks`]) uses the same
+//! runs, with positional reads into the caller's buffer.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -49,17 +50,42 @@ pub struct Run {
     pub len: usize,
 }
 
+/// Where a chunk sits: the same description for a chunk written from a buffer and one read into it.
+#[derive(Debug, Clone, Copy)]
+struct Geometry<'a> {
+    name: &'a str,
+    tensor_offset: u64,
+    itemsize: usize,
+    shape: &'a [usize],
+    offsets: &'a [usize],
+    sizes: &'a [usize],
+    /// The caller's buffer length, which must be the chunk's size exactly.
+    len: usize,
+}
+
 /// The runs that place `chunk` in its file, in file order; the chunk's geometry is checked first
 /// (inside the tensor, data of the right size), so a bad plan is an error, never a stray write.
 pub fn runs(chunk: &Chunk<'_>) -> Result<Vec<Run>> {
-    let Chunk {
+    runs_of(Geometry {
+        name: chunk.name,
+        tensor_offset: chunk.tensor_offset,
+        itemsize: chunk.itemsize,
+        shape: chunk.shape,
+        offsets: chunk.offsets,
+        sizes: chunk.sizes,
+        len: chunk.data.len(),
+    })
+}
+
+fn runs_of(g: Geometry<'_>) -> Result<Vec<Run>> {
+    let Geometry {
         name,
         shape,
         offsets,
         sizes,
         itemsize,
         ..
-    } = *chunk;
+    } = g;
     let bad = |reason: String| Error::tensor(name, reason);
     if offsets.len() != shape.len() || sizes.len() != shape.len() {
         return Err(bad(format!(
@@ -81,10 +107,10 @@ pub fn runs(chunk: &Chunk<'_>) -> Result<Vec<Run>> {
         .try_fold(1usize, |a, &s| a.checked_mul(s))
         .and_then(|n| n.checked_mul(itemsize))
         .ok_or_else(|| bad(format!("chunk size {sizes:?} overflows")))?;
-    if numel != chunk.data.len() {
+    if numel != g.len {
         return Err(bad(format!(
             "chunk of size {sizes:?} needs {numel} bytes, {} given",
-            chunk.data.len()
+            g.len
         )));
     }
     if numel == 0 {
@@ -104,7 +130,7 @@ pub fn runs(chunk: &Chunk<'_>) -> Result<Vec<Run>> {
     }
     if shape.is_empty() {
         return Ok(vec![Run {
-            dst: chunk.tensor_offset,
+            dst: g.tensor_offset,
             src: 0,
             len: itemsize,
         }]);
@@ -119,7 +145,7 @@ pub fn runs(chunk: &Chunk<'_>) -> Result<Vec<Run>> {
             .sum::<usize>()
             + offsets[k] * stride[k];
         out.push(Run {
-            dst: chunk.tensor_offset + (element * itemsize) as u64,
+            dst: g.tensor_offset + (element * itemsize) as u64,
             src: r * run_len,
             len: run_len,
         });
@@ -186,6 +212,61 @@ pub fn write_files(files: &[FileWrites<'_>], fsync: bool) -> Result<u64> {
             .map(|h| h.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
             .sum()
     })
+}
+
+/// A block of a tensor stored in a file, to be read into the caller's buffer (C-contiguous, `sizes`
+/// shaped): the reading twin of [`Chunk`]; `shape` is the stored tensor's.
+#[derive(Debug)]
+pub struct ReadChunk<'a> {
+    pub name: &'a str,
+    pub data: &'a mut [u8],
+    pub tensor_offset: u64,
+    pub itemsize: usize,
+    pub shape: &'a [usize],
+    pub offsets: &'a [usize],
+    pub sizes: &'a [usize],
+}
+
+/// Read every chunk's block of `path` straight into its buffer with positional reads: one copy, from
+/// the page cache into memory the caller already holds (no mapping to fault in). Every geometry is
+/// checked before the first read; a file shorter than a run is an `UnexpectedEof` error naming it.
+pub fn read_chunks(path: &Path, chunks: &mut [ReadChunk<'_>]) -> Result<u64> {
+    let planned: Vec<Vec<Run>> = chunks
+        .iter()
+        .map(|c| {
+            runs_of(Geometry {
+                name: c.name,
+                tensor_offset: c.tensor_offset,
+                itemsize: c.itemsize,
+                shape: c.shape,
+                offsets: c.offsets,
+                sizes: c.sizes,
+                len: c.data.len(),
+            })
+        })
+        .collect::<Result<_>>()?;
+    let file = File::open(path).at(path)?;
+    let mut total = 0u64;
+    for (chunk, runs) in chunks.iter_mut().zip(&planned) {
+        for run in runs {
+            read_run(&file, &mut chunk.data[run.src..run.src + run.len], run.dst).at(path)?;
+            total += run.len as u64;
+        }
+    }
+    Ok(total)
+}
+
+fn read_run(file: &File, data: &mut [u8], offset: u64) -> io::Result<()> {
+    let mut done = 0;
+    while done < data.len() {
+        match rustix::io::pread(file, &mut data[done..], offset + done as u64) {
+            Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+            Ok(n) => done += n,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 /// Open (creating it if needed, never truncating) a file that other processes write at the same time.
@@ -293,6 +374,21 @@ mod tests {
             got[header.len()..] == whole[..],
             "shape {shape:?} cuts {cuts:?}"
         );
+        // Reading each block back gives the chunk's own bytes.
+        for (data, (offsets, sizes)) in datas.iter().zip(&geoms) {
+            let mut back = vec![0u8; data.len()];
+            let mut chunks = [ReadChunk {
+                name: "t",
+                data: &mut back,
+                tensor_offset: header.len() as u64,
+                itemsize,
+                shape,
+                offsets,
+                sizes,
+            }];
+            read_chunks(&path, &mut chunks).unwrap();
+            assert!(back == *data, "read back {offsets:?} {sizes:?}");
+        }
     }
 
     #[test]

@@ -33,5 +33,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(gather::copy_ranges, m)?)?;
     m.add_function(wrap_pyfunction!(positioned::write_chunks, m)?)?;
     m.add_function(wrap_pyfunction!(positioned::publish_dir, m)?)?;
+    m.add_function(wrap_pyfunction!(positioned::read_chunks, m)?)?;
     Ok(())
 }

@@ -1,11 +1,15 @@
 //! The distributed checkpoint plugin's I/O: `write_chunks` writes a rank's chunks of tensors (and, on
 //! the coordinator, the headers) straight to their offsets in files every rank writes at once, with
-//! the GIL released; `publish_dir` renames the finished checkpoint directory into place.
+//! the GIL released; `publish_dir` renames the finished checkpoint directory into place; `read_chunks`
+//! reads blocks of stored tensors straight into the caller's tensors.
 
 use std::path::PathBuf;
 
-use fastadapter_core::positioned::{publish_dir as core_publish, write_files, Chunk, FileWrites};
-use pyo3::buffer::PyUntypedBuffer;
+use fastadapter_core::positioned::{
+    publish_dir as core_publish, read_chunks as core_read, write_files, Chunk, FileWrites,
+    ReadChunk,
+};
+use pyo3::buffer::{PyBuffer, PyUntypedBuffer};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
@@ -102,4 +106,64 @@ pub fn publish_dir(
     fsync: bool,
 ) -> PyResult<PathBuf> {
     detached(py, || core_publish(&staging, &target, fsync))
+}
+
+/// (tensor name, writable C-contiguous byte buffer, absolute file offset of the stored tensor, item
+/// size, stored shape, block offsets, block sizes).
+type PyReadChunk = (
+    String,
+    PyBuffer<u8>,
+    u64,
+    usize,
+    Vec<usize>,
+    Vec<usize>,
+    Vec<usize>,
+);
+
+/// Read each block of `path` into its buffer with positional reads (GIL released): a block outside
+/// its tensor, or a buffer not exactly its size, is a `TensorError` before anything is read; buffers
+/// must be writable, C-contiguous and not overlap. Returns the bytes read.
+#[pyfunction]
+pub fn read_chunks(py: Python<'_>, path: PathBuf, chunks: Vec<PyReadChunk>) -> PyResult<u64> {
+    let mut spans: Vec<(usize, usize)> = Vec::with_capacity(chunks.len());
+    for (name, buffer, ..) in &chunks {
+        if buffer.readonly() || !buffer.is_c_contiguous() {
+            return Err(PyValueError::new_err(format!(
+                "`{name}`: the destination must be a writable C-contiguous buffer"
+            )));
+        }
+        spans.push((buffer.buf_ptr() as usize, buffer.len_bytes()));
+    }
+    // Two `&mut` slices of one memory would be undefined behaviour: refuse overlapping destinations.
+    let mut sorted: Vec<&(usize, usize)> = spans.iter().filter(|s| s.1 > 0).collect();
+    sorted.sort_unstable();
+    if sorted.windows(2).any(|w| w[0].0 + w[0].1 > w[1].0) {
+        return Err(PyValueError::new_err("destination buffers overlap"));
+    }
+    detached(py, || {
+        let mut plan: Vec<ReadChunk<'_>> = chunks
+            .iter()
+            .zip(&spans)
+            .map(
+                |((name, _, tensor_offset, itemsize, shape, offsets, sizes), &(ptr, len))| {
+                    ReadChunk {
+                        name,
+                        data: match len {
+                            // An empty export may carry a null pointer, which a slice must never hold.
+                            0 => &mut [],
+                            // SAFETY: each export in `chunks` pins its writable memory until this function
+                            // returns, and no two of them overlap (checked above).
+                            len => unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) },
+                        },
+                        tensor_offset: *tensor_offset,
+                        itemsize: *itemsize,
+                        shape,
+                        offsets,
+                        sizes,
+                    }
+                },
+            )
+            .collect();
+        core_read(&path, &mut plan)
+    })
 }
