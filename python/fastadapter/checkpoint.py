@@ -56,8 +56,27 @@ _UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
 
 @dataclass
 class _Pending:
-    job: _core.CheckpointJob
-    buffer: SnapshotBuffer
+    job: _core.CheckpointJob | _DcpJob
+    buffer: SnapshotBuffer | None  # None: a torch.distributed.checkpoint save (DCP stages its own copy)
+
+
+class _DcpJob:
+    """A checkpoint being written by `torch.distributed.checkpoint.async_save` (or already written by
+    `save`): the `CheckpointJob` interface the Checkpointer waits on."""
+
+    def __init__(self, step: int, future: Any, after: Any) -> None:
+        self.step = step
+        self._future = future
+        self._after = after
+
+    def done(self) -> bool:
+        return self._future is None or bool(self._future.done())
+
+    def wait(self) -> None:
+        if self._future is not None:
+            future, self._future = self._future, None
+            future.result()
+            self._after()
 
 
 class Checkpointer:
@@ -134,11 +153,24 @@ class Checkpointer:
         self._reap()
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise ValueError(f"step must be a non-negative int, not {step!r}")
-        if self.rank != 0 and not per_rank:
-            return  # shared files are written by rank 0 only
         meta: dict[str, Any] = {"format": FORMAT, "version": 1, "step": step}
         if extra is not None:
             meta["extra"] = dict(extra)
+        sharded = _is_sharded(model_or_state_dict)
+        if sharded and not per_rank and not _has_adapters(model_or_state_dict):
+            self._save_dcp(step, model_or_state_dict, meta, files)  # every rank writes its own shards
+            return
+        if self.rank != 0 and not per_rank:
+            if sharded:
+                # Gathering a sharded adapter is a collective: every rank takes part, rank 0 writes it.
+                from torch import nn
+
+                from .save import adapter_files
+
+                assert isinstance(model_or_state_dict, nn.Module)  # adapters live in modules
+                for _ in adapter_files(model_or_state_dict, self.path(step), is_main_process=False):
+                    pass
+            return  # shared files are written by rank 0 only
         big, small = self._plan(step, model_or_state_dict, meta, per_rank)
         small.append((META_NAME, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()))
         taken = {name for name, *_ in big} | {name for name, _ in small}
@@ -168,6 +200,45 @@ class Checkpointer:
         self._pending.append(_Pending(job, buffer))
         if not self.async_save:
             self.wait()
+
+    def _save_dcp(self, step: int, obj: Any, meta: dict[str, Any], files: Mapping[str, bytes] | None) -> None:
+        """A sharded model (FSDP2, tensor parallel: DTensors) through `torch.distributed.checkpoint` and
+        fastadapter's plugin: every rank writes its own shards straight into the consolidated
+        `model.safetensors`, published atomically as `checkpoint-<step>` with this checkpoint's small
+        files. Asynchronous unless `async_save=False`: DCP stages a copy and writes on a thread."""
+        from torch import nn
+        from torch.distributed.checkpoint.state_dict_saver import async_save, save
+
+        from .dcp import StorageWriter
+
+        meta["kind"] = "full"
+        small: dict[str, bytes] = {}
+        if isinstance(obj, nn.Module):
+            state = obj.state_dict()
+            config = getattr(obj, "config", None)
+            if config is not None and callable(getattr(config, "to_json_string", None)):
+                small["config.json"] = config.to_json_string(use_diff=True).encode()
+        else:
+            state = dict(obj)
+        small[META_NAME] = (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()
+        for name, data in (files or {}).items():
+            if name in small:
+                raise ValueError(f"extra file {name!r} clashes with a checkpoint file")
+            small[name] = bytes(data)
+        writer = StorageWriter(self.path(step), sync_files=self.fsync, extra_files=small)
+        # DCP saves are collectives: one at a time, in the same order on every rank.
+        self.wait()
+
+        def rotate() -> None:
+            if self.rank == 0 and self.keep_last is not None:
+                _core.rotate_checkpoints(self.root, self.keep_last, step)
+
+        if self.async_save:
+            future = async_save(state, storage_writer=writer)
+            self._pending.append(_Pending(_DcpJob(step, future, rotate), None))
+        else:
+            save(state, storage_writer=writer)
+            rotate()
 
     def _plan(
         self, step: int, obj: Any, meta: dict[str, Any], per_rank: bool
@@ -253,7 +324,8 @@ class Checkpointer:
             if self._failure is None:
                 self._failure = e
         finally:
-            self._free.append(pending.buffer)
+            if pending.buffer is not None:
+                self._free.append(pending.buffer)
 
     def _reap(self) -> None:
         """Collect the saves that have finished, without blocking; raise a failure among them."""
@@ -310,6 +382,16 @@ class Checkpointer:
         meta = _read_meta(directory)
         if meta.get("kind", "adapter" if _is_adapter_dir(directory) else "full") == "adapter":
             return _load_adapter(directory, model, adapter_name)
+        if model is not None and _is_sharded(model):
+            # Every rank reads only its own shards, straight into them.
+            from torch.distributed.checkpoint.state_dict_loader import load as dcp_load
+
+            from .dcp import StorageReader
+
+            sharded = model.state_dict()
+            dcp_load(sharded, storage_reader=StorageReader(directory))
+            model.load_state_dict(sharded)
+            return sharded
         state = _load_full(directory, meta)
         if model is not None:
             model.load_state_dict(state)
@@ -406,6 +488,36 @@ def _drain(pending: collections.deque[_Pending]) -> None:
             job.wait()
         except Exception as e:  # nobody is left to raise it to: say it
             warnings.warn(f"fastadapter: checkpoint {job.step} failed: {e}", RuntimeWarning, stacklevel=1)
+
+
+def _is_sharded(obj: Any) -> bool:
+    """Whether `obj` (a module or a state dict) holds DTensors (FSDP2, tensor parallel) in a running
+    torch.distributed job."""
+    import sys
+
+    tensor_module = sys.modules.get("torch.distributed.tensor")
+    if tensor_module is None:  # never imported: no DTensor can exist
+        return False
+    import torch
+
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return False
+    values = (
+        obj.parameters()
+        if isinstance(obj, torch.nn.Module)
+        else obj.values()
+        if isinstance(obj, Mapping)
+        else ()
+    )
+    return any(isinstance(v, tensor_module.DTensor) for v in values)
+
+
+def _has_adapters(obj: Any) -> bool:
+    from torch import nn
+
+    from .hosts import host_for
+
+    return isinstance(obj, nn.Module) and bool(host_for(obj).configs())
 
 
 def _rank_info(rank: int | None, world_size: int | None) -> tuple[int, int]:

@@ -62,6 +62,7 @@ class StorageWriter(_DcpStorageWriter):
     `finish`, the checkpoint exists only as a hidden directory beside `path`; a previous checkpoint at
     `path` is swapped out whole. `sync_files`: fsync files and directories before publishing (DCP's
     default). A `path` holding anything but checkpoint files is refused, never replaced.
+    `extra_files` (name -> bytes, e.g. `config.json`) are published with the checkpoint, by the coordinator.
     """
 
     def __init__(
@@ -71,12 +72,17 @@ class StorageWriter(_DcpStorageWriter):
         consolidate: bool = True,
         fqn_to_index_mapping: Mapping[str, int] | None = None,
         sync_files: bool = True,
+        extra_files: Mapping[str, bytes] | None = None,
     ) -> None:
         super().__init__()
         self.path = os.fspath(path)
         self.consolidate = consolidate
         self.fqn_to_index_mapping = dict(fqn_to_index_mapping) if fqn_to_index_mapping is not None else None
         self.sync_files = sync_files
+        self.extra_files = dict(extra_files or {})
+        for name in self.extra_files:
+            if not name or "/" in name or name.startswith(".") or _is_checkpoint_file(name):
+                raise ValueError(f"extra file name {name!r}: a plain file name that is not a checkpoint file")
         self.save_id = str(uuid.uuid4())
         self.is_coordinator = False
         self.rank = 0
@@ -115,7 +121,7 @@ class StorageWriter(_DcpStorageWriter):
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         if self.is_coordinator:
-            _check_replaceable(self.path, whole=self.consolidate)
+            _check_replaceable(self.path, whole=self.consolidate, ours=self.extra_files)
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
@@ -226,11 +232,13 @@ class StorageWriter(_DcpStorageWriter):
         }
         if objects:
             _write_small(directory, OBJECTS_INDEX, json.dumps(objects, sort_keys=True).encode())
+        for name, data in self.extra_files.items():
+            _write_small(directory, name, data)
         if not self.consolidate:
             return
         if self._index is not None:
             _write_small(directory, SAFETENSORS_INDEX, self._index)
-        _check_replaceable(self.path, whole=True)
+        _check_replaceable(self.path, whole=True, ours=self.extra_files)
         _core.publish_dir(directory, self.path, self.sync_files)
         self._staging = None
 
@@ -329,14 +337,14 @@ def _is_checkpoint_file(name: str) -> bool:
     )
 
 
-def _check_replaceable(path: str, whole: bool) -> None:
+def _check_replaceable(path: str, whole: bool, ours: Mapping[str, bytes]) -> None:
     """`path` may be absent or a directory; when the save replaces it `whole`, a directory of checkpoint
     files only: anything else there would be lost with it, so it is refused."""
     if os.path.isfile(path):
         raise NotADirectoryPathError(f"checkpoint path {path} is a file, not a directory")
     if not whole or not os.path.isdir(path):
         return
-    foreign = sorted(n for n in os.listdir(path) if not _is_checkpoint_file(n))
+    foreign = sorted(n for n in os.listdir(path) if not _is_checkpoint_file(n) and n not in ours)
     if foreign:
         raise FileExistsError(
             errno.EEXIST,

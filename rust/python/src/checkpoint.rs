@@ -159,3 +159,16 @@ pub fn checkpoint_steps(py: Python<'_>, root: PathBuf) -> PyResult<Vec<u64>> {
 pub fn clean_stale_checkpoints(py: Python<'_>, root: PathBuf) -> PyResult<usize> {
     detached(py, || checkpoint::clean_stale(&root))
 }
+
+/// Delete complete checkpoints under `root` so that `keep` remain, oldest first, never `protect` (the
+/// step just written). For checkpoints published by another writer (the distributed checkpoint
+/// plugin); `publish_checkpoint` rotates its own. Returns the deleted steps.
+#[pyfunction]
+pub fn rotate_checkpoints(
+    py: Python<'_>,
+    root: PathBuf,
+    keep: usize,
+    protect: u64,
+) -> PyResult<Vec<u64>> {
+    detached(py, || checkpoint::rotate(&root, keep, protect))
+}

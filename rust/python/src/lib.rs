@@ -23,6 +23,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(checkpoint::publish_checkpoint, m)?)?;
     m.add_function(wrap_pyfunction!(checkpoint::checkpoint_steps, m)?)?;
     m.add_function(wrap_pyfunction!(checkpoint::clean_stale_checkpoints, m)?)?;
+    m.add_function(wrap_pyfunction!(checkpoint::rotate_checkpoints, m)?)?;
     m.add_function(wrap_pyfunction!(reader::select_keys, m)?)?;
     m.add_function(wrap_pyfunction!(writer::write_safetensors, m)?)?;
     m.add_function(wrap_pyfunction!(writer::stage_bytes, m)?)?;
