@@ -71,8 +71,14 @@ def test_rank_killed_mid_save_leaves_the_previous_checkpoint(tmp_path: Path) -> 
     for i in range(3):
         assert torch.equal(got[f"w{i}"], torch.full((64, 32), 1.0 + i))
     assert got["step"] == 1
-    # What the dead save wrote is only a hidden directory beside the checkpoint, never inside it.
-    assert all(p.name.startswith(".ckpt.tmp-") for p in tmp_path.iterdir() if p.name != "ckpt")
+    # What the dead save wrote is only a hidden directory beside the checkpoint, never inside it ...
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name != "ckpt"]
+    assert leftovers
+    assert all(name.startswith(".ckpt.tmp-") for name in leftovers)
+    # ... which the next save to the same path removes (its writer is gone).
+    with pytest.warns(UserWarning, match="single process"):
+        dcp.save({"w0": torch.ones(2)}, storage_writer=StorageWriter(path, sync_files=False), no_dist=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
 
 
 def fail_then_succeed(rank: int, world: int, path: Path) -> None:

@@ -26,6 +26,7 @@ import io
 import json
 import os
 import secrets
+import shutil
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -324,9 +325,34 @@ def _make_staging(path: str) -> str:
     target = os.path.abspath(path)
     parent, name = os.path.split(target)
     os.makedirs(parent, exist_ok=True)
+    _remove_stale_staging(parent, name)
     staging = os.path.join(parent, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(8)}")
     os.mkdir(staging)
     return staging
+
+
+def _remove_stale_staging(parent: str, name: str) -> None:
+    """Staging directories of earlier saves to the same path whose coordinator is gone (killed, or its
+    save failed on some rank): never published, so never read; this frees their space. One of a live
+    process on this host is left alone: it may still be writing."""
+    prefix = f".{name}.tmp-"
+    for entry in os.listdir(parent):
+        pid, _, token = entry.removeprefix(prefix).partition("-")
+        if not entry.startswith(prefix) or not pid.isdigit() or len(token) != 16:
+            continue
+        if _alive(int(pid)):
+            continue
+        shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _is_checkpoint_file(name: str) -> bool:
