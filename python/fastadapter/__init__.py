@@ -35,6 +35,7 @@ from .errors import (
 from .save import save
 
 if TYPE_CHECKING:
+    from ._hotswap import hotswap, prepare_for_hotswap
     from .adapters import active_adapters, delete_adapter, inject, load, merge_and_unload, set_adapter, unload
 
 # Loading and managing adapters needs torch: these names come from `adapters` on first use (PEP 562).
@@ -43,14 +44,19 @@ _ADAPTER_FUNCTIONS = frozenset(
 )
 
 
+_HOTSWAP_FUNCTIONS = frozenset(("hotswap", "prepare_for_hotswap"))
+
+
 def __getattr__(name: str) -> Any:
     if name in _ADAPTER_FUNCTIONS:
         return getattr(importlib.import_module(".adapters", __name__), name)
+    if name in _HOTSWAP_FUNCTIONS:
+        return getattr(importlib.import_module("._hotswap", __name__), name)
     raise AttributeError(f"module 'fastadapter' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_ADAPTER_FUNCTIONS})
+    return sorted({*globals(), *_ADAPTER_FUNCTIONS, *_HOTSWAP_FUNCTIONS})
 
 
 __all__ = [
@@ -75,9 +81,11 @@ __all__ = [
     "convert",
     "convert_dir",
     "delete_adapter",
+    "hotswap",
     "inject",
     "load",
     "merge_and_unload",
+    "prepare_for_hotswap",
     "save",
     "set_adapter",
     "unload",
