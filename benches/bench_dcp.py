@@ -1,8 +1,11 @@
 """torch.distributed.checkpoint on 2 gloo ranks: fastadapter's StorageWriter/StorageReader against DCP's
 FileSystemWriter and torch's HuggingFaceStorageWriter (per-rank files, and consolidated afterwards), and
-the ceiling: each rank writing its bytes with one `write()` to a new file of its own.
+the ceiling: each rank writing its bytes with one `write()` to a new file of its own; and `dcp_no_io`, a
+`dcp.save` through a plugin that plans and resolves every item but writes nothing (DCP's own cost: the
+plan collectives, pickling, resolving), which no plugin can go below.
 
-64 tensors, `Shard(0)` over the ranks (512 MiB; 64 MiB with FASTADAPTER_BENCH_QUICK=1), fp32. Every save
+64 tensors, `Shard(0)` over the ranks, fp32: 512 MiB on 2 ranks by default (64 MiB with
+FASTADAPTER_BENCH_QUICK=1); FASTADAPTER_BENCH_DCP_WORLD and FASTADAPTER_BENCH_DCP_MIB change both. Every save
 goes to a fresh directory (the previous one removed and `os.sync()` untimed), no fsync for anyone
 (`sync_files=False`). The ranks are spawned once and kept; a round is the parent sending the command to
 both ranks and receiving both replies (the same pipe round trip for every contender).
@@ -25,9 +28,10 @@ import torch.multiprocessing as mp
 
 from conftest import QUICK
 
-WORLD = 2
+WORLD = int(os.environ.get("FASTADAPTER_BENCH_DCP_WORLD", "2"))
 TENSORS = 64
-ROWS, COLS = (256, 1024) if QUICK else (2048, 1024)  # fp32: 1 MiB / 8 MiB per tensor
+COLS = 1024
+ROWS = 4 * int(os.environ.get("FASTADAPTER_BENCH_DCP_MIB", "64" if QUICK else "512"))  # fp32 rows of 4 KiB
 NBYTES = TENSORS * ROWS * COLS * 4
 BLOCKS = 1 if QUICK else 2
 ROUNDS = 1 if QUICK else 3
@@ -38,8 +42,36 @@ SAVE_CONTENDERS = (
     "torch_hf",
     "torch_hf_consolidated",
     "raw_write",
+    "dcp_no_io",
 )
 LOAD_CONTENDERS = ("fastadapter", "torch_hf_reader")
+
+
+def _no_io_writer() -> type:
+    from torch.distributed.checkpoint.planner import WriteItemType
+    from torch.distributed.checkpoint.storage import WriteResult
+    from torch.futures import Future
+
+    from fastadapter.dcp import StorageWriter
+
+    class NoIoWriter(StorageWriter):  # type: ignore[misc]
+        def prepare_global_plan(self, plans: list[Any]) -> list[Any]:
+            return plans
+
+        def write_data(self, plan: Any, planner: Any) -> Any:
+            results = []
+            for item in plan.items:
+                data = planner.resolve_data(item)
+                size = data.nbytes if item.type != WriteItemType.BYTE_IO else 0
+                results.append(WriteResult(index=item.index, size_in_bytes=size, storage_data=None))
+            future: Future[list[Any]] = Future()
+            future.set_result(results)
+            return future
+
+        def finish(self, metadata: Any, results: Any) -> None:
+            pass
+
+    return NoIoWriter
 
 
 def _worker(rank: int, port: int, conn: Any) -> None:
@@ -56,6 +88,7 @@ def _worker(rank: int, port: int, conn: Any) -> None:
     from fastadapter.dcp import StorageReader, StorageWriter
 
     torch.set_num_threads(1)
+    _NoIoWriter = _no_io_writer()
     dist.init_process_group(
         "gloo",
         init_method=f"tcp://127.0.0.1:{port}",
@@ -83,6 +116,8 @@ def _worker(rank: int, port: int, conn: Any) -> None:
             writer: Any = StorageWriter(out, sync_files=False)
         elif contender == "fastadapter_per_rank":
             writer = StorageWriter(out, consolidate=False, sync_files=False)
+        elif contender == "dcp_no_io":
+            writer = _NoIoWriter(out)
         elif contender == "torch_filesystem":
             writer = FileSystemWriter(out, sync_files=False)
         else:

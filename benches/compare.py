@@ -21,7 +21,8 @@ OURS = "fastadapter"
 # flush) for saves; floor (map the file, read every tensor once) for loads; cp of the source bytes for
 # conversions; one copy from/to page-locked memory for host-device transfers (bench_cuda*); for
 # checkpoints, one memcpy of the saved bytes (the least an async save can stall), torch's copy of them,
-# and plain writes of the same bytes into the page cache.
+# and plain writes of the same bytes into the page cache; for distributed checkpoints, DCP's own cost
+# with a plugin that writes nothing (dcp_no_io).
 CEILINGS = (
     "raw_write",
     "raw_write_fallocate",
@@ -32,6 +33,7 @@ CEILINGS = (
     "memcpy",
     "torch_copy",
     "page_cache_write",
+    "dcp_no_io",
 )
 # fastadapter loading into another host's model -> that host's own loader of the same adapter. Its time
 # against plain fastadapter's is the cost of the host's layers (target: at most HOST_TARGET).
@@ -71,6 +73,7 @@ ORDER = (
     "torch_hf",
     "torch_hf_consolidated",
     "torch_hf_reader",
+    "dcp_no_io",
 )
 
 

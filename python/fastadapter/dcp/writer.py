@@ -126,6 +126,9 @@ class StorageWriter(_DcpStorageWriter):
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
+        if not all(p.usable for p in plans):
+            # A cached plan would send the ranks to a previous save's (published) staging directory.
+            raise ValueError("fastadapter.dcp.StorageWriter plans every save anew: disable plan caching")
         if not self.consolidate:
             return [dataclasses.replace(p, storage_data=RankPlan(staging="")) for p in plans]
         tensors = tensors_of(plans)
