@@ -38,20 +38,15 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 
 def _gc_paused(fn: _F) -> _F:
     """Run `fn` with Python's cyclic garbage collector paused, and hand what it built to the collector's
-    oldest generation.
+    oldest generation (README, "What makes it fast").
 
-    Building thousands of modules (each with a dozen hook containers) triggers collections that walk
-    the whole model: measured on 1024 LoRA layers, a load took 62-67 ms with the collector paused and
-    67-342 ms (at random) without. Paused, the debt is still there: the ~80,000 new container objects
-    sit in the youngest generation, and the first allocation after the load pays a 16 ms collection of
-    them. They are the model's new layers, alive as long as the model, so a young-generation scan can
-    only promote them. `gc.freeze()` + `gc.unfreeze()` does that promotion directly (documented: frozen
-    objects go back to the oldest generation) in microseconds. Two guards keep it from touching
-    anything else: the young generations are collected first (`gc.collect(1)`, the collection they were
-    due anyway, well under a millisecond), so the user's young garbage is not promoted with ours; and
-    it is skipped if the process has frozen objects of its own (a pre-fork server), which unfreeze
-    would release. Nothing is leaked: reference counting frees as usual, and the oldest generation is
-    still collected."""
+    Building thousands of modules (each with a dozen hook containers) triggers collections that walk the
+    whole model, at random. Paused, the new containers would still sit in the youngest generation, for
+    the first allocation after the load to scan; they are the model's layers, alive as long as it, so a
+    young scan could only promote them: `gc.freeze()` + `gc.unfreeze()` promotes them directly (frozen
+    objects return to the oldest generation). The young generations are collected first, so the caller's
+    young garbage is not promoted with ours; a process with frozen objects of its own (a pre-fork
+    server) is left alone, as unfreeze would release them. Reference counting frees as usual."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:

@@ -220,7 +220,7 @@ class PeftLayersHost(AdapterHost):
         where, tensors = incoming.where, incoming.tensors
         prefix = PEFT_PREFIX if self.kind == "peft" else ""
         plan(self.tuned_model(), config, name, layer_types=lora_layer_types(), wrapper_types=wrapper_types())
-        before = _trainability(model)
+        before = trainability(model)
         self.inject_empty(name, config)
         try:
             # modules_to_save copies: saved as `<path>.<key>`, held as `<path>.modules_to_save.<name>.<key>`.
@@ -262,7 +262,7 @@ class PeftLayersHost(AdapterHost):
                     existing.copy_(value)
         except BaseException:
             self.remove_adapter(name)
-            _restore(before)
+            restore_trainability(before)
             raise
 
 
@@ -310,12 +310,12 @@ def set_training(root: nn.Module, modules: list[nn.Module], mode: bool) -> None:
 Trainability = tuple[list[tuple[nn.Module, bool]], list[tuple[nn.Parameter, bool]]]
 
 
-def _trainability(model: nn.Module) -> Trainability:
+def trainability(model: nn.Module) -> Trainability:
     """What PEFT's injection changes besides the module tree: train/eval flags and requires_grad."""
     return [(m, m.training) for m in model.modules()], [(p, p.requires_grad) for p in model.parameters()]
 
 
-def _restore(saved: Trainability) -> None:
+def restore_trainability(saved: Trainability) -> None:
     modules, params = saved
     for module, training in modules:
         module.training = training

@@ -103,11 +103,11 @@ class TransformersHost(PeftLayersHost):
     ) -> None:
         """transformers' own `load_adapter`, checked first by fastadapter's planner: what the fast way does
         not cover is loaded exactly as transformers loads it (`device` and `dtype` are its own then)."""
-        from .peft_hosted import _restore, _trainability
+        from .peft_hosted import restore_trainability, trainability
 
         plan(self.model, config, name, layer_types=lora_layer_types(), wrapper_types=wrapper_types())
         model: Any = self.model
-        before = _trainability(model)
+        before = trainability(model)
         had_adapters = self.loaded
         try:
             model.load_adapter(os.path.dirname(incoming.where), adapter_name=name, is_trainable=is_trainable)
@@ -115,7 +115,7 @@ class TransformersHost(PeftLayersHost):
             if name in self.configs():
                 self.remove_adapter(name)
             model._hf_peft_config_loaded = had_adapters
-            _restore(before)
+            restore_trainability(before)
             raise
 
     def add_loaded(self, name: str, config: Any, incoming: Incoming, **kwargs: Any) -> None:
