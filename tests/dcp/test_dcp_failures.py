@@ -4,6 +4,7 @@ refuses, and `dcp.async_save` (thread and process executors) with it."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import threading
@@ -99,6 +100,25 @@ def fail_then_succeed(rank: int, world: int, path: Path) -> None:
     dcp.save(state(3.0), storage_writer=StorageWriter(path, sync_files=True))
     dist.barrier()
     assert {p.name: p.read_bytes() for p in path.iterdir()} != published
+    published = {p.name: p.read_bytes() for p in path.iterdir()}
+
+    class ElsewhereWriter(StorageWriter):
+        """Rank 1 as if on a node that does not share the file system: it cannot see the directory."""
+
+        def write_data(self, plan: Any, planner: Any) -> Any:
+            if self.rank == 1:
+                elsewhere = dataclasses.replace(
+                    plan.storage_data, staging=plan.storage_data.staging + "-elsewhere"
+                )
+                plan = dataclasses.replace(plan, storage_data=elsewhere)
+            return super().write_data(plan, planner)
+
+    with pytest.raises(CheckpointException) as failed:
+        dcp.save(state(5.0), storage_writer=ElsewhereWriter(path, sync_files=False))
+    assert "SharedStorageError" in str(failed.value.failures)
+    assert "consolidate=False" in str(failed.value.failures)
+    dist.barrier()
+    assert {p.name: p.read_bytes() for p in path.iterdir()} == published
 
 
 def async_saves(rank: int, world: int, root: Path) -> None:
