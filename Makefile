@@ -12,7 +12,7 @@ export PYO3_PYTHON := $(abspath $(PY))
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: all venv develop test test-rust test-python test-dcp lint fmt demo bench clean fuzz-smoke
+.PHONY: all venv develop test test-rust test-python test-dcp lint fmt demo bench clean fuzz-smoke test-peft
 
 all: test
 
@@ -63,6 +63,49 @@ fuzz-smoke:
 
 # The README's test command: bootstrap, Rust tests, lint, Python tests, fuzz smoke. Fails on any failure.
 test: develop test-rust lint test-python fuzz-smoke
+
+# PEFT's own save/load tests against `fastadapter.patch()` (issue 13), PEFT as the oracle. The pinned peft's
+# sdist ships its tests/; they run in a side environment (.cache/peft-tests-venv) that sees .venv's packages
+# and adds what those tests import (tests/peft_suite/requirements.txt, pinned), once plainly and once with
+# the patch applied by tests/peft_suite/fastadapter_patch_plugin.py, which also compares every routed save
+# with a shadow save by PEFT's original. tests/peft_suite/run.py fails unless every test that passes plainly
+# passes patched and LoRA saves and loads were routed; it prints both counts and routed/fallback counts.
+# Selected (~1,320 tests after the Hub-needing ones listed in tests/peft_suite/deselect.txt; a pass is ~40 s
+# of collection plus a few minutes on 2 cores): from test_custom_models.py, test_save_pretrained* for every
+# method and model (save + from_pretrained: the routed paths), and for LoRA only the .bin, adapter-name,
+# load_adapter, low_cpu_mem_usage, config= and injection round trips (other methods only fall back there);
+# the requires_grad-after-loading tests; test_initialization.py's loading, hotswap, conversion (PiSSA/OLoRA/
+# CorDA: fallbacks) and naming tests; test_other.py's and test_config.py's save/load tests. Not selected:
+# test_adapter_dtype_autocast (needs the Hub), FSDP round trips (process groups), and the ~19,000 tests that
+# neither save nor load.
+PEFT_VERSION := $(shell sed -n 's/^peft==//p' requirements-dev.txt)
+PEFT_SOURCE := .cache/peft-$(PEFT_VERSION)
+PEFT_VENV := .cache/peft-tests-venv
+PEFT_FILES := tests/test_custom_models.py tests/test_initialization.py tests/test_other.py tests/test_config.py
+PEFT_SELECT := (test_custom_models and TestPeftCustomModel and ((test_save_pretrained and not pickle and not substring) \
+	or ((pickle or substring or test_load_multiple_adapters or test_load_model_low_cpu_mem_usage \
+	or test_from_pretrained_config_construction or test_parameters_after_loading_model \
+	or test_save_load_roundtrip_direct_injection) and LoraConfig) or test_loading_model)) \
+	or (test_initialization and (TestHotSwapping or TestLowCpuMemUsage or TestNamingConflictWarning \
+	or missing_keys or conversion or load or save)) \
+	or (test_other and (save or load or pretrained)) or (test_config and (save or pretrained))
+
+$(PEFT_SOURCE)/tests/__init__.py:
+	mkdir -p .cache/sdists
+	$(PY) -m pip download --quiet --no-deps --no-binary :all: peft==$(PEFT_VERSION) -d .cache/sdists
+	tar -xzf .cache/sdists/peft-$(PEFT_VERSION).tar.gz -C .cache
+	touch $@  # the sdist's tests/ is not a package, yet its modules import each other relatively
+
+$(PEFT_VENV)/.installed: tests/peft_suite/requirements.txt | $(DEPS_STAMP)
+	$(PYTHON_BIN) -m venv $(PEFT_VENV)
+	echo "import site; site.addsitedir('$(abspath $(VENV))/lib/python3.11/site-packages')" > \
+		"$$($(PEFT_VENV)/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/fastadapter-main-venv.pth"
+	$(PEFT_VENV)/bin/pip install --quiet -r tests/peft_suite/requirements.txt
+	touch $@
+
+test-peft: develop $(PEFT_SOURCE)/tests/__init__.py $(PEFT_VENV)/.installed
+	$(PY) tests/peft_suite/run.py $(PEFT_VENV)/bin/python $(PEFT_SOURCE) .cache/peft-suite-results -- \
+		$(PEFT_FILES) -k "$(PEFT_SELECT)"
 
 # The README's main job on a generated Llama + LoRA: save, load, convert (and a hostile .bin), checkpoint;
 # each checked against PEFT / torch and timed against it; one summary table, non-zero exit on a failed check.

@@ -39,6 +39,10 @@ CEILINGS = (
 # against plain fastadapter's is the cost of the host's layers (target: at most HOST_TARGET).
 HOSTS = {"fastadapter_peft": "peft_load_adapter", "fastadapter_transformers": "transformers_load_adapter"}
 HOST_TARGET = 1.5
+# PEFT's own call with `fastadapter.patch()` (bench_patch.py) against calling fastadapter directly: the
+# cost of the patch layer (target: at most PATCH_TARGET), and its speedup over the same call unpatched.
+PATCHED = "peft_patched"
+PATCH_TARGET = 1.1
 ORDER = (
     "fastadapter",
     "fastadapter_noverify",
@@ -48,6 +52,7 @@ ORDER = (
     "fastadapter_peft",
     "fastadapter_transformers",
     "fastadapter_per_rank",
+    "peft_patched",
     "peft",
     "peft_low_cpu_mem",
     "peft_load_adapter",
@@ -242,6 +247,15 @@ def table(group: str, results: list[Result]) -> str:
     if ours is None:
         lines.append("fastadapter: no result in this run (skipped or failed)")
         return "\n".join(lines)
+    patched = by_name.get(PATCHED)
+    if patched is not None:
+        ratio = patched.median_s / ours.median_s
+        over = " (over target)" if ratio > PATCH_TARGET else ""
+        lines.append(f"peft_patched / fastadapter: {ratio:.2f}x (target ≤ {PATCH_TARGET}x){over}")
+        if "peft" in by_name:
+            lines.append(
+                f"peft / peft_patched: {by_name['peft'].median_s / patched.median_s:.2f}x faster patched"
+            )
     for ceiling in (r for r in results if r.contender in CEILINGS):
         lines.append(
             f"fastadapter / {ceiling.contender}: {ours.median_s / ceiling.median_s:.2f}x of ceiling (time)"

@@ -195,6 +195,9 @@ def assert_same_bin(ours: Path, peft: Path) -> dict[str, torch.Tensor]:
     assert sorted(mine) == sorted(theirs)
     for key, expected in theirs.items():
         got = mine[key]
+        assert type(got) is type(expected), (
+            f"{key}: a {type(got).__name__}, PEFT's a {type(expected).__name__}"
+        )
         assert got.dtype == expected.dtype, key
         assert got.shape == expected.shape, key
         assert torch.equal(got, expected), key

@@ -31,7 +31,9 @@ from .errors import (
     TensorError,
     UnsafeCheckpointError,
     UnsupportedAdapterError,
+    UnsupportedTargetError,
 )
+from .integrations.patch import PatchReport, patch, patch_report, patched, unpatch
 from .save import save
 
 if TYPE_CHECKING:
@@ -72,10 +74,12 @@ __all__ = [
     "KeyPatternError",
     "MissingTensorError",
     "NotADirectoryPathError",
+    "PatchReport",
     "TargetModuleError",
     "TensorError",
     "UnsafeCheckpointError",
     "UnsupportedAdapterError",
+    "UnsupportedTargetError",
     "__version__",
     "active_adapters",
     "convert",
@@ -85,8 +89,12 @@ __all__ = [
     "inject",
     "load",
     "merge_and_unload",
+    "patch",
+    "patch_report",
+    "patched",
     "prepare_for_hotswap",
     "save",
     "set_adapter",
     "unload",
+    "unpatch",
 ]

@@ -84,6 +84,15 @@ def _resolve_model_tensor(model: nn.Module, key: str, targets: dict[str, Target]
     return tensor
 
 
+@dataclass
+class Matched:
+    """Every tensor of a file matched to its place in the plan and checked; nothing converted yet."""
+
+    lora: dict[str, dict[str, torch.Tensor]]  # target path -> slot -> the file's tensor
+    save_values: dict[str, dict[str, torch.Tensor]]  # modules_to_save path -> key -> the file's tensor
+    others: list[tuple[torch.Tensor, torch.Tensor]]  # (model tensor, the file's tensor)
+
+
 def assign(
     model: nn.Module,
     p: Plan,
@@ -95,6 +104,30 @@ def assign(
     device: torch.device | str | None,
     dtype: torch.dtype | None,
 ) -> Assignment:
+    m = match(model, p, name, where, tensors)
+    lora = m.lora
+    # Conversions (device, dtype) before anything is changed: they may fail (e.g. out of memory).
+    # All at once, so that the weights for each GPU go in a few large copies.
+    slots = [(t.path, slot) for t in p.targets for slot in lora[t.path]]
+    requests: list[tuple[torch.Tensor, torch.device, torch.dtype]] = []
+    for t in p.targets:
+        placement = (base_device(t.base, device), adapter_dtype(t.base, dtype))
+        requests.extend((v, *placement) for v in lora[t.path].values())
+    ready: dict[str, dict[str, torch.Tensor]] = {t.path: {} for t in p.targets}
+    for (path, slot), v in zip(slots, to_devices(requests), strict=True):
+        ready[path][slot] = nn.Parameter(v, requires_grad=trainable)
+    save_paths = {path: module for path, _, _, module in p.save_targets}
+    copies = {
+        path: filled_copy(module, m.save_values[path], where, path, trainable)
+        for path, module in save_paths.items()
+    }
+    return Assignment(ready, copies, m.others)
+
+
+def match(model: nn.Module, p: Plan, name: str, where: str, tensors: dict[str, torch.Tensor]) -> Matched:
+    """Check every tensor of the file (keyed as the model holds them for adapter `name`) against plan `p`
+    and say where each goes; a tensor that fits nowhere, has the wrong shape or dtype, or a slot left
+    empty is refused, naming the file and the tensor. Reads shapes and dtypes only."""
     config = p.config
     targets = {t.path: t for t in p.targets}
     suffixes = slot_suffixes(name)
@@ -154,22 +187,7 @@ def assign(
         if len(got) != len(expected):  # every slot in `got` was checked to be in `expected`
             missing = next(s for s in expected if s not in got)
             raise MissingTensorError(f"{where}: no `{missing}` tensor for targeted module `{t.path}`")
-
-    # Conversions (device, dtype) before anything is changed: they may fail (e.g. out of memory).
-    # All at once, so that the weights for each GPU go in a few large copies.
-    slots = [(t.path, slot) for t in p.targets for slot in lora[t.path]]
-    requests: list[tuple[torch.Tensor, torch.device, torch.dtype]] = []
-    for t in p.targets:
-        placement = (base_device(t.base, device), adapter_dtype(t.base, dtype))
-        requests.extend((v, *placement) for v in lora[t.path].values())
-    ready: dict[str, dict[str, torch.Tensor]] = {t.path: {} for t in p.targets}
-    for (path, slot), v in zip(slots, to_devices(requests), strict=True):
-        ready[path][slot] = nn.Parameter(v, requires_grad=trainable)
-    copies = {
-        path: filled_copy(module, save_values[path], where, path, trainable)
-        for path, module in save_paths.items()
-    }
-    return Assignment(ready, copies, others)
+    return Matched(lora, save_values, others)
 
 
 def converted(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:

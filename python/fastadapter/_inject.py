@@ -9,6 +9,7 @@ replaced, so a failed load or inject leaves the model as it was.
 
 from __future__ import annotations
 
+import contextvars
 import math
 import re
 import sys
@@ -21,7 +22,7 @@ import torch
 from torch import nn
 
 from ._config import AdapterConfig
-from .errors import TargetModuleError, UnsupportedAdapterError
+from .errors import TargetModuleError, UnsupportedAdapterError, UnsupportedTargetError
 from .layers import DoraMagnitude, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave, fast_linear, is_conv1d
 from .names import ALL_LINEAR
 
@@ -290,7 +291,7 @@ def plan(
         base = module.base_layer if is_layer else module
         kind = _kind(base)
         if kind is None:
-            raise TargetModuleError(
+            raise UnsupportedTargetError(
                 f"target module `{key}` is a {type(base).__name__}; fastadapter adapts nn.Linear, "
                 "transformers Conv1D and nn.Embedding"
             )
@@ -366,14 +367,23 @@ def _fix_fan_in_fan_out(config: AdapterConfig, targets: list[Target]) -> None:
             config.fan_in_fan_out = True
 
 
+# PEFT's `autocast_adapter_dtype` for the load in progress (`fastadapter.load` sets it): False keeps
+# fp16/bf16/fp8 adapters in their base layer's dtype. A context variable, so that every stage of the load
+# sees it without each host's signature carrying it.
+AUTOCAST_ADAPTER_DTYPE: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "fastadapter_autocast_adapter_dtype", default=True
+)
+
+
 def adapter_dtype(base: Any, dtype: torch.dtype | None) -> torch.dtype:
-    """PEFT's policy: the base layer's float dtype, fp16/bf16/fp8 upcast to fp32; or the caller's dtype."""
+    """PEFT's policy: the base layer's float dtype, fp16/bf16/fp8 upcast to fp32 (unless
+    `autocast_adapter_dtype=False`); or the caller's dtype."""
     if dtype is not None:
         return dtype
     w = base.weight
     if not (w.dtype.is_floating_point or w.dtype.is_complex):
         return torch.float32
-    return torch.float32 if w.dtype in _UPCAST else w.dtype
+    return torch.float32 if w.dtype in _UPCAST and AUTOCAST_ADAPTER_DTYPE.get() else w.dtype
 
 
 def base_device(base: Any, device: torch.device | str | None) -> torch.device:

@@ -125,6 +125,22 @@ def _walk(model: nn.Module) -> Iterator[tuple[str, nn.Module, int]]:
         stack.extend(reversed(pending))
 
 
+def state_dict_customised(model: nn.Module) -> bool:
+    """Whether `model.state_dict()` may say something other than the modules' own tensors: a `state_dict`
+    replaced on an instance or overridden by a class, or a state-dict hook anywhere in the tree. PEFT's
+    selection starts from `model.state_dict()`, so such a model must take PEFT's own path (the structural
+    selection would bypass the override). One pass over the modules, no tensor touched."""
+    for module in model.modules():
+        if (
+            "state_dict" in module.__dict__
+            or type(module).state_dict is not nn.Module.state_dict
+            or module._state_dict_hooks
+            or module._state_dict_pre_hooks
+        ):
+            return True
+    return False
+
+
 # peft.utils.constants
 EMBEDDING_LAYER_NAMES = ["embed_tokens", "lm_head"]
 

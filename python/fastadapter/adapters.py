@@ -22,6 +22,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from ._config import config_from_object
+from ._inject import AUTOCAST_ADAPTER_DTYPE
 from ._read import read_file_tensors, read_weights
 from .errors import AdapterExistsError
 from .hosts import AdapterHost, Layers, host_for
@@ -78,6 +79,7 @@ def load(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     layers: Layers = "auto",
+    autocast_adapter_dtype: bool = True,
 ) -> nn.Module:
     """Load the LoRA adapter saved in `adapter_dir` (by PEFT, transformers or fastadapter) into `model`,
     activate it, and return the model.
@@ -91,9 +93,25 @@ def load(
     place (PEFT's meaning of loading into an existing name): same parameters, same storage; the adapter
     keeps the file's config. Each new LoRA weight goes to its base layer's device (or `device`) with
     PEFT's dtype policy (the base layer's dtype, fp16/bf16 upcast to fp32; or `dtype`).
-    `is_trainable=False` freezes the adapter, as PEFT.
+    `is_trainable=False` freezes the adapter, as PEFT. `autocast_adapter_dtype=False` keeps new fp16/bf16
+    weights in their base layer's dtype (PEFT's option of that name; True upcasts them to fp32).
     """
-    adapter_dir = os.fspath(adapter_dir)
+    token = AUTOCAST_ADAPTER_DTYPE.set(autocast_adapter_dtype)
+    try:
+        return _load(model, os.fspath(adapter_dir), adapter_name, is_trainable, device, dtype, layers)
+    finally:
+        AUTOCAST_ADAPTER_DTYPE.reset(token)
+
+
+def _load(
+    model: nn.Module,
+    adapter_dir: str,
+    adapter_name: str,
+    is_trainable: bool,
+    device: torch.device | str | None,
+    dtype: torch.dtype | None,
+    layers: Layers,
+) -> nn.Module:
     host = host_for(model, layers)
     config = host.new_config(adapter_dir, is_trainable=is_trainable)
     if adapter_name in host.configs():

@@ -23,6 +23,7 @@ __all__ = [
     "TensorError",
     "UnsafeCheckpointError",
     "UnsupportedAdapterError",
+    "UnsupportedTargetError",
 ]
 
 
@@ -80,6 +81,11 @@ class AdapterExistsError(FastAdapterError, ValueError):
 
 class TargetModuleError(FastAdapterError, ValueError):
     """An adapter targets a module the model does not have, or one fastadapter cannot adapt."""
+
+
+class UnsupportedTargetError(TargetModuleError, UnsupportedAdapterError):
+    """An adapter targets a kind of layer fastadapter does not adapt (e.g. `nn.MultiheadAttention`): refused
+    before the model is touched. Both a `TargetModuleError` and an `UnsupportedAdapterError`."""
 
 
 class SharedStorageError(FastAdapterError, FileNotFoundError):

@@ -190,7 +190,11 @@ def _stage_bin(files: FileSet, safetensors_target: str, state_dict: dict[str, to
     import torch
 
     target = os.path.join(os.path.dirname(safetensors_target), ADAPTER_WEIGHTS_BIN)
-    files.add(StagedByCallback(target, lambda path: torch.save(state_dict, path)))
+    # PEFT pickles `model.state_dict()`'s values: plain tensors. The fast selection holds the parameters
+    # themselves, which torch.save would pickle as `nn.Parameter` (and `torch.load` return as such).
+    # `detach()` is what `state_dict()` does: same storage, no copy.
+    plain = {k: v.detach() if isinstance(v, torch.nn.Parameter) else v for k, v in state_dict.items()}
+    files.add(StagedByCallback(target, lambda path: torch.save(plain, path)))
 
 
 def _unsharded(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -21,7 +21,7 @@ from .. import _config
 from .._assign import assign, check_shape
 from .._device_load import to_devices
 from .._inject import adapter_dtype, base_device, install, plan
-from .._peft_state import lora_state_dict
+from .._peft_state import lora_state_dict, state_dict_customised
 from ..errors import MissingTensorError, TargetModuleError
 from ..names import PEFT_PREFIX
 from .base import AdapterHost
@@ -66,6 +66,14 @@ class PeftLayersHost(AdapterHost):
     def adapter_state_dict(
         self, name: str, save_embeddings: bool, state_dict: dict[str, torch.Tensor] | None = None
     ) -> dict[str, torch.Tensor]:
+        if state_dict_customised(self.model):
+            # transformers' `get_adapter_state_dict` is PEFT's selection, from `model.state_dict()`.
+            from peft.utils.save_and_load import get_peft_model_state_dict
+
+            selected: dict[str, torch.Tensor] = get_peft_model_state_dict(
+                self.model, adapter_name=name, save_embedding_layers=save_embeddings
+            )
+            return {PEFT_PREFIX + k: v for k, v in selected.items()}
         return lora_state_dict(self.model, name, save_embeddings, configs=self.configs(), prefix=PEFT_PREFIX)
 
     def new_config(self, adapter_dir: str, *, is_trainable: bool) -> Any:

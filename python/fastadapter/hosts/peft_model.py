@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .. import _peft_files
-from .._peft_state import lora_state_dict
+from .._peft_state import lora_state_dict, state_dict_customised
 from ..names import MODEL_CARD
 from .peft_hosted import PeftLayersHost, activate_layer, set_training
 
@@ -39,7 +39,12 @@ class PeftHost(PeftLayersHost):
     ) -> dict[str, torch.Tensor]:
         config = self.configs()[name]
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        if state_dict is not None or distributed or config.peft_type != "LORA":
+        if (
+            state_dict is not None
+            or distributed
+            or config.peft_type != "LORA"
+            or state_dict_customised(self.model)
+        ):
             # Caller-provided state dicts, sharded models (their state_dict is a collective), non-LoRA
             # methods and models whose `state_dict` is overridden or hooked take PEFT's own selection (it
             # starts from `model.state_dict()`); the bytes are still written by fastadapter.

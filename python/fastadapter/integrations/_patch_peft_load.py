@@ -1,0 +1,154 @@
+"""PEFT's loads done by fastadapter, with PEFT's semantics (imported when one is routed: needs torch, peft).
+
+- `from_pretrained`: the PeftModel is PEFT's own, built around an adapter that targets nothing (PEFT's
+  "dummy-target-modules"), so its wrapper, tuner and bookkeeping are exactly PEFT's; then fastadapter
+  adds the real adapter from the file (PEFT's layers built from a template around the file's tensors)
+  and activates it as `from_pretrained` does. Everything fastadapter checks is checked on the bare model
+  before the wrapper is built.
+- `load_adapter`: a new adapter added by fastadapter, then left inactive, frozen unless `is_trainable`,
+  the model in eval() unless trainable; PEFT's load result (no missing, no unexpected keys) is returned.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import nn
+
+from .._assign import match
+from .._inject import AUTOCAST_ADAPTER_DTYPE, plan
+from .._read import Incoming, read_weights
+from ..adapters import _gc_paused
+from ..errors import UnsupportedAdapterError
+from ..hosts.peft_hosted import PeftLayersHost, lora_layer_types, wrapper_types
+from ..hosts.peft_model import PeftHost
+
+# low_cpu_mem_usage=True: PEFT casts the file's tensors to their base layer's dtype before upcasting them,
+# so with a 16-bit base the fp32 weights it ends with are rounded; fastadapter's are not.
+_ROUNDED = (torch.float16, torch.bfloat16)
+_LOW_CPU_ROUNDS = "low_cpu_mem_usage with a 16-bit base (PEFT rounds the weights through it)"
+
+
+def check_new_lora(
+    model: nn.Module, model_id: str, name: str, config: Any, *, low_cpu_mem_usage: bool, autocast: bool
+) -> str | tuple[Any, Incoming]:
+    """Everything `from_pretrained` of this LoRA adapter onto `model` would do that fastadapter must match,
+    checked on a copy of the config without touching the model: (config, the file's tensors), or why not."""
+    from .._config import config_from_object
+
+    config_from_object(config)  # fastadapter's own checks: unsupported options raise
+    # The host's own list of what its fast way does not build; it asks only for the model.
+    bare: Any = SimpleNamespace(tuned_model=lambda: model)
+    refusal = PeftLayersHost.fast_path_refusal(bare, config)
+    if refusal is not None:
+        return refusal
+    if config.exclude_modules:
+        return "exclude_modules (PEFT warns when it excludes nothing)"
+    planned = plan(
+        model, copy.deepcopy(config), name, layer_types=lora_layer_types(), wrapper_types=wrapper_types()
+    )
+    if not planned.first_injection:
+        return "the model already holds LoRA layers"
+    for field in ("rank_pattern", "alpha_pattern"):
+        for pattern in getattr(config, field) or {}:
+            if not any(re.match(rf"(.*\.)?({pattern})$", t.path) for t in planned.targets):
+                return f"{field} entry that matches no target (PEFT warns)"
+    bases = [t.base.weight for t in planned.targets]
+    if any(w.device.type == "meta" for w in bases):
+        return "base weights on the meta device"
+    if any(t.kind == "embedding" for t in planned.targets) and _ties_embeddings(model):
+        return "embedding target with tied embeddings (PEFT warns)"
+    incoming = read_weights(model_id, name)
+    match(model, planned, name, incoming.where, incoming.tensors)
+    if low_cpu_mem_usage and autocast and any(w.dtype in _ROUNDED for w in bases):
+        return _LOW_CPU_ROUNDS
+    return config, incoming
+
+
+def _ties_embeddings(model: nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    return bool(getattr(config, "tie_word_embeddings", False))
+
+
+@_gc_paused
+def from_pretrained_fast(
+    cls: Any,
+    model: nn.Module,
+    config: Any,
+    incoming: Incoming,
+    name: str,
+    is_trainable: bool,
+    autocast_adapter_dtype: bool,
+) -> Any:
+    from peft.auto import MODEL_TYPE_TO_PEFT_MODEL_MAPPING
+    from peft.utils.constants import DUMMY_TARGET_MODULES
+
+    config.inference_mode = not is_trainable
+    shell_config = copy.copy(config)
+    shell_config.target_modules = DUMMY_TARGET_MODULES
+    peft_cls = MODEL_TYPE_TO_PEFT_MODEL_MAPPING.get(config.task_type, cls)
+    peft_model = peft_cls(
+        model, shell_config, name, autocast_adapter_dtype=autocast_adapter_dtype, low_cpu_mem_usage=True
+    )
+    del peft_model.peft_config[name]  # the real config is registered by the load below
+    token = AUTOCAST_ADAPTER_DTYPE.set(autocast_adapter_dtype)
+    try:
+        PeftHost(peft_model).add_loaded(
+            name, config, incoming, is_trainable=is_trainable, device=None, dtype=None
+        )
+    finally:
+        AUTOCAST_ADAPTER_DTYPE.reset(token)
+        incoming.done()
+    return peft_model
+
+
+class _LoadAdapterHost(PeftHost):
+    """`PeftModel.load_adapter`'s ending instead of `fastadapter.load`'s: the new adapter is not activated."""
+
+    active_before: list[str]
+
+    def activate_loaded(self, name: str, *, is_trainable: bool) -> None:
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        # Layers made for this adapter alone start with it active; PEFT leaves them with the model's
+        # active adapters (which they do not hold), as it leaves every other layer.
+        for module in self.model.modules():
+            if isinstance(module, BaseTunerLayer) and module.active_adapters == [name]:
+                module._active_adapter = list(self.active_before)
+        if not is_trainable:
+            self.peft_model.eval()
+
+
+@_gc_paused
+def load_adapter_fast(
+    peft_model: Any,
+    model_id: str,
+    name: str,
+    is_trainable: bool,
+    autocast_adapter_dtype: bool,
+    low_cpu_mem_usage: bool,
+) -> Any:
+    from torch.nn.modules.module import _IncompatibleKeys
+
+    host = _LoadAdapterHost(peft_model)
+    host.active_before = list(peft_model.active_adapters)
+    config = host.new_config(model_id, is_trainable=is_trainable)
+    incoming = read_weights(model_id, name)
+    if low_cpu_mem_usage:
+        _check_low_cpu_placement(peft_model, autocast_adapter_dtype)
+    token = AUTOCAST_ADAPTER_DTYPE.set(autocast_adapter_dtype)
+    try:
+        host.add_loaded(name, config, incoming, is_trainable=is_trainable, device=None, dtype=None)
+    finally:
+        AUTOCAST_ADAPTER_DTYPE.reset(token)
+        incoming.done()
+    return _IncompatibleKeys(missing_keys=[], unexpected_keys=[])
+
+
+def _check_low_cpu_placement(model: nn.Module, autocast: bool) -> None:
+    if autocast and any(p.dtype in _ROUNDED for p in model.parameters()):
+        raise UnsupportedAdapterError(_LOW_CPU_ROUNDS)
