@@ -66,7 +66,9 @@ class Plan:
     )  # path, parent, name, mod
     first_injection: bool = True
     # Every module of the model as planning saw it (each once): what a first injection freezes and
-    # eval() sets, without walking the model again.
+    # eval() sets, without walking the model again. Not the entries of a LoRA layer's adapter container
+    # in eval mode (one per adapter held): eval() set them with it, and listing them would make each load
+    # cost more than the one before.
     modules: list[nn.Module] = field(default_factory=list)
     # The LoRA layers (`layer_types`) among them; whether any is a modules_to_save wrapper.
     layers: list[nn.Module] = field(default_factory=list)
@@ -216,12 +218,12 @@ def _walk(
             known = is_layer[t] = issubclass(t, layer_types)
         return known
 
-    def within(module: nn.Module) -> None:
+    def within(module: nn.Module, layer: bool = False) -> None:
         for child in module._modules.values():
             if child is not None and id(child) not in seen:
                 seen.add(id(child))
                 inside.append(child)
-                if child._modules:
+                if child._modules and not (layer and type(child) is nn.ModuleDict and not child.training):
                     within(child)
 
     def outside(prefix: str, module: nn.Module) -> None:
@@ -232,12 +234,12 @@ def _walk(
             key = prefix + name
             named.append((key, child))
             if layer_class(type(child)):
-                within(child)
+                within(child, layer=True)
             elif child._modules:
                 outside(key + ".", child)
 
     if layer_class(type(model)):
-        within(model)
+        within(model, layer=True)
     else:
         outside("", model)
     return named, inside, {t for t, layer in is_layer.items() if layer}

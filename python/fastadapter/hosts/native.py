@@ -151,13 +151,18 @@ class NativeHost(AdapterHost):
             from ..errors import AdapterNotFoundError
 
             raise AdapterNotFoundError(f"unknown adapter(s) {unknown}; the model has {list(state.configs)}")
-        trainable_by_adapter = {a: a in names and not c.inference_mode for a, c in state.configs.items()}
+        trainable_by_adapter = {a: not state.configs[a].inference_mode for a in names}
         for path, module in _walk_layers(self.model):
             if isinstance(module, LoraLayer):
+                # Every activation leaves the inactive adapters frozen, so only those active before or
+                # after this one can have a flag to change: the cost does not grow with the adapters held.
+                previous = module.active_adapters
                 # A plain attribute: straight into __dict__, past nn.Module.__setattr__ (thousands of layers).
                 module.__dict__["active_adapters"] = list(names)
-                for adapter in module.r:
-                    trainable = trainable_by_adapter[adapter]
+                for adapter in dict.fromkeys([*previous, *names]):
+                    if adapter not in module.r:
+                        continue
+                    trainable = trainable_by_adapter.get(adapter, False)
                     for param in module.adapter_parameters(adapter):
                         if param.requires_grad != trainable:
                             param.requires_grad_(trainable)

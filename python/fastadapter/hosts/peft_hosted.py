@@ -274,15 +274,24 @@ class PeftLayersHost(AdapterHost):
             raise
 
 
-def activate_layer(layer: Any, name: str, *, trainable: bool) -> None:
+def activate_layer(layer: Any, name: str | list[str], *, trainable: bool) -> None:
     """PEFT's `BaseTunerLayer.set_adapter(name, inference_mode=not trainable)`: `name` active, its weights
-    trainable (or not), every other adapter's frozen; a flag changes only where it differs."""
-    layer.__dict__["_active_adapter"] = [name]
+    trainable (or not), every other adapter's frozen; a flag changes only where it differs. Every
+    activation leaves the inactive adapters frozen, so only those active before or after this one can have
+    a flag to change: the cost does not grow with the number of adapters the layer holds."""
+    names = [name] if isinstance(name, str) else list(name)
+    previous = layer.__dict__.get("_active_adapter") or []
+    previous = [previous] if isinstance(previous, str) else previous
+    layer.__dict__["_active_adapter"] = names
     modules = layer._modules
+    keys = dict.fromkeys([*previous, *names])
     for field in layer.adapter_layer_names:
         container = modules[field] if field in modules else getattr(layer, field)
-        for key, entry in container.items():
-            wanted = trainable and key == name
+        for key in keys:
+            if key not in container:
+                continue
+            entry = container[key]
+            wanted = trainable and key in names
             if isinstance(entry, torch.Tensor):
                 params: Any = (entry,)
             else:  # a leaf module (lora_A's nn.Linear): its own parameters, without a generator walk
@@ -293,7 +302,26 @@ def activate_layer(layer: Any, name: str, *, trainable: bool) -> None:
                 if param.is_leaf and param.requires_grad != wanted:
                     param.requires_grad_(wanted)
     if layer.frozen_peft_weight_names:
-        layer._freeze_non_trainable_peft_weights([name])
+        layer._freeze_non_trainable_peft_weights(names)
+
+
+def activate_layers(root: nn.Module, names: list[str], *, trainable: bool) -> bool:
+    """PEFT's `set_adapter` on every LoRA layer of `root`, found by a walk that does not enter them (its
+    cost stays the same however many adapters they hold). False, with nothing changed, where the host's
+    own walk must run: modules_to_save wrappers (PEFT activates them too), a merged layer (PEFT unmerges
+    it), or no LoRA layer."""
+    from .._inject import _walk
+
+    named, _, layer_classes = _walk(root, lora_layer_types())
+    wrappers = wrapper_types()
+    if any(isinstance(m, wrappers) for _, m in named):
+        return False
+    layers = [m for _, m in named if type(m) in layer_classes]
+    if not layers or any(layer.merged for layer in layers):
+        return False
+    for layer in layers:
+        activate_layer(layer, names, trainable=trainable)
+    return True
 
 
 def set_training(root: nn.Module, modules: list[nn.Module], mode: bool) -> None:

@@ -11,7 +11,7 @@ from torch import nn
 from .. import _peft_files
 from .._peft_state import lora_state_dict, state_dict_customised
 from ..names import MODEL_CARD
-from .peft_hosted import PeftLayersHost, activate_layer, set_training
+from .peft_hosted import PeftLayersHost, activate_layer, activate_layers, set_training
 
 
 class PeftHost(PeftLayersHost):
@@ -99,7 +99,17 @@ class PeftHost(PeftLayersHost):
     def set_adapter(self, names: str | Sequence[str]) -> None:
         if not isinstance(names, str):
             raise TypeError("a PeftModel activates one adapter at a time: pass its name")
-        self.peft_model.set_adapter(names)
+        peft_model = self.peft_model
+        config = peft_model.peft_config.get(names)
+        # PeftModel.set_adapter(names) (inference_mode=False: the adapter becomes trainable), without its
+        # walk into every layer's every adapter where the layers are all it has to set.
+        if config is None or config.is_prompt_learning:
+            peft_model.set_adapter(names)
+        elif activate_layers(self.tuned_model(), [names], trainable=True):
+            peft_model.base_model.active_adapter = names
+            peft_model.active_adapter = names
+        else:
+            peft_model.set_adapter(names)
 
     def delete_adapter(self, name: str) -> None:
         self.peft_model.delete_adapter(name)

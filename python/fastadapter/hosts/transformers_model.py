@@ -19,7 +19,14 @@ from torch import nn
 from .._inject import plan
 from ..names import GENERATION_CONFIG
 from .base import AdapterHost, rendered
-from .peft_hosted import PeftLayersHost, lora_layer_types, set_training, wrapper_types
+from .peft_hosted import (
+    PeftLayersHost,
+    activate_layer,
+    activate_layers,
+    lora_layer_types,
+    set_training,
+    wrapper_types,
+)
 
 if TYPE_CHECKING:
     from .._read import Incoming
@@ -147,20 +154,33 @@ class TransformersHost(PeftLayersHost):
         else:
             modules = list(self.model.modules())
             layers = [m for m in modules if isinstance(m, lora_layer_types())]
-        for layer in layers:
-            layer.__dict__["_active_adapter"] = [name]
-        if not is_trainable:
-            set_training(self.model, modules, False)
-            # A first injection built its layers frozen, around a base it froze: nothing left to freeze.
-            if built is None or not built.first_injection:
-                for layer in layers:
-                    layer.requires_grad_(False)
+        if is_trainable:
+            for layer in layers:
+                layer.__dict__["_active_adapter"] = [name]
+            return
+        set_training(self.model, modules, False)
+        # A first injection built its layers frozen, around a base it froze: nothing left to freeze.
+        if built is None or not built.first_injection:
+            for layer in layers:
+                # Every LoRA weight frozen: the adapters active before and the new one (the others are
+                # frozen: every activation freezes the inactive ones), and the base layer's.
+                activate_layer(layer, name, trainable=False)
+                layer.get_base_layer().requires_grad_(False)  # type: ignore[operator]
 
     # --- managing ---------------------------------------------------------------------------------------
 
     def set_adapter(self, names: str | Sequence[str]) -> None:
         model: Any = self.model
-        model.set_adapter(names if isinstance(names, str) else list(names))
+        wanted = [names] if isinstance(names, str) else list(names)
+        configs = self.configs()
+        # transformers' set_adapter (its checks and errors), without its walk into every layer's every
+        # adapter where the LoRA layers are all it has to set.
+        if (
+            not configs
+            or any(n not in configs for n in wanted)
+            or not activate_layers(model, wanted, trainable=True)
+        ):
+            model.set_adapter(names if isinstance(names, str) else list(names))
 
     def delete_adapter(self, name: str) -> None:
         model: Any = self.model

@@ -1,0 +1,226 @@
+"""Serving many adapters: per-load time as adapters accumulate, set_adapter vs the number loaded, hotswap
+against PEFT's and against reading the file, cold loads against the disk.
+
+Usage: flock /tmp/fastadapter-bench.lock python benches/bench_serving.py [loads|switch|hotswap|cold ...]
+Prints one table per job and writes .benchmarks/serving.json. Ratios within one run are what count.
+
+The model: a 16-layer, hidden-1024 Llama (bf16, built on the meta device then `to_empty`: no init cost);
+each adapter r=16 on q/k/v/o (8 MB in fp32), written once with random weights.
+
+- loads: N adapters loaded one after another into one model (`fastadapter.load(model, dir, f"x{i}")`),
+  per host: fastadapter's own layers (`layers="fastadapter"`), a PeftModel, a transformers model; PEFT's
+  own `load_adapter` on a PeftModel as the peer. Reported: the mean of the first and the last 10 loads.
+- switch: `set_adapter` alternating between two adapters, with 2 and with N loaded, per host; PEFT's
+  `PeftModel.set_adapter` as the peer.
+- hotswap: `fastadapter.hotswap` vs PEFT's `hotswap_adapter` on a PeftModel (same file, warm cache), and
+  the floor: map the file and read every byte once.
+- cold: the page cache dropped for the file before each round (os.sync + posix_fadvise(DONTNEED), and
+  /proc/sys/vm/drop_caches where writable), then a load until every weight is resident.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import fastadapter
+
+LAYERS, HIDDEN, RANK = 16, 1024, 16
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+QUICK = os.environ.get("FASTADAPTER_BENCH_QUICK") == "1"
+N_LOADS = 20 if QUICK else 60
+N_SWITCH = 20 if QUICK else 100
+N_PEFT_LOADS = 20 if QUICK else 40  # PEFT's own load_adapter slows down: 40 are enough to see it
+
+
+def base_model() -> nn.Module:
+    config = LlamaConfig(
+        vocab_size=1024,
+        hidden_size=HIDDEN,
+        intermediate_size=HIDDEN,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+    )
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    return model.to_empty(device="cpu").to(torch.bfloat16).eval()
+
+
+def write_adapter(directory: Path, seed: int) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for layer in range(LAYERS):
+        for target in TARGETS:
+            key = f"base_model.model.model.layers.{layer}.self_attn.{target}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(RANK, HIDDEN, generator=g) * 0.01
+            tensors[f"{key}.lora_B.weight"] = torch.randn(HIDDEN, RANK, generator=g) * 0.01
+    save_file(tensors, str(directory / "adapter_model.safetensors"), metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": RANK,
+        "lora_alpha": 32,
+        "lora_dropout": 0.0,
+        "target_modules": TARGETS,
+        "bias": "none",
+        "inference_mode": True,
+    }
+    (directory / "adapter_config.json").write_text(json.dumps(config))
+    return directory
+
+
+def adapters(root: Path, n: int) -> list[Path]:
+    return [write_adapter(root / f"a{i}", i) for i in range(n)]
+
+
+def timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+# --- loads ------------------------------------------------------------------------------------------------
+
+
+def first_loaded(host: str, directory: Path) -> nn.Module:
+    """The model holding its first adapter ("x0"), by the host's own way."""
+    base = base_model()
+    if host == "fastadapter":
+        return fastadapter.load(base, directory, "x0", layers="fastadapter")
+    if host in ("peft", "peft_load_adapter"):
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(base, str(directory), adapter_name="x0")
+    return fastadapter.load(base, directory, "x0")  # transformers' integration
+
+
+def load_times(host: str, dirs: list[Path]) -> list[float]:
+    model = first_loaded(host, dirs[0])
+    out = []
+    for i, d in enumerate(dirs[1:], start=1):
+        if host == "peft_load_adapter":
+            out.append(timed(lambda: model.load_adapter(str(d), adapter_name=f"x{i}")))  # noqa: B023
+        else:
+            out.append(timed(lambda: fastadapter.load(model, d, f"x{i}")))  # noqa: B023
+    return out
+
+
+def bench_loads(dirs: list[Path]) -> dict[str, Any]:
+    rows = {}
+    for host in ("fastadapter", "peft", "transformers", "peft_load_adapter"):
+        n = N_PEFT_LOADS if host == "peft_load_adapter" else N_LOADS
+        times = load_times(host, dirs[: n + 1])
+        gc.collect()
+        first, last = statistics.mean(times[:10]), statistics.mean(times[-10:])
+        rows[host] = {"n": n, "first10_ms": first * 1e3, "last10_ms": last * 1e3, "ratio": last / first}
+        print(
+            f"loads  {host:20s} n={n:3d} first10 {first * 1e3:7.2f} ms  last10 {last * 1e3:7.2f} ms  "
+            f"last/first {last / first:5.2f}",
+            flush=True,
+        )
+    return rows
+
+
+# --- switch -----------------------------------------------------------------------------------------------
+
+
+def switch_time(model: nn.Module, host: str, names: list[str], rounds: int = 30) -> float:
+    if host == "peft_set_adapter":
+        switch: Callable[[str], Any] = model.set_adapter  # type: ignore[assignment]
+    else:
+        switch = lambda name: fastadapter.set_adapter(model, name)  # noqa: E731
+    times = [timed(lambda: switch(names[i % 2])) for i in range(rounds)]  # noqa: B023
+    return statistics.median(times)
+
+
+def bench_switch(dirs: list[Path]) -> dict[str, Any]:
+    rows = {}
+    for host in ("fastadapter", "peft", "transformers", "peft_set_adapter"):
+        model = first_loaded("peft" if host == "peft_set_adapter" else host, dirs[0])
+        fastadapter.load(model, dirs[1], "x1")
+        two = switch_time(model, host, ["x0", "x1"])
+        for i in range(2, N_SWITCH):
+            fastadapter.load(model, dirs[i], f"x{i}")
+        many = switch_time(model, host, ["x0", f"x{N_SWITCH - 1}"])
+        rows[host] = {"with_2_ms": two * 1e3, f"with_{N_SWITCH}_ms": many * 1e3, "ratio": many / two}
+        print(
+            f"switch {host:20s} with 2 {two * 1e3:7.3f} ms  with {N_SWITCH} {many * 1e3:7.3f} ms  "
+            f"ratio {many / two:5.2f}",
+            flush=True,
+        )
+        del model
+        gc.collect()
+    return rows
+
+
+# --- hotswap ----------------------------------------------------------------------------------------------
+
+
+def read_once(path: Path, buffer: bytearray) -> None:
+    with open(path, "rb", buffering=0) as f:
+        f.readinto(buffer)  # type: ignore[attr-defined]
+
+
+def swap_with_peft(model: nn.Module, directory: Path, name: str = "x0") -> None:
+    from peft.utils.hotswap import hotswap_adapter
+
+    hotswap_adapter(model, str(directory), name, torch_device="cpu")
+
+
+def bench_hotswap(dirs: list[Path], rounds: int = 20) -> dict[str, Any]:
+    rows: dict[str, Any] = {}
+    files = [d / "adapter_model.safetensors" for d in dirs[1:3]]
+    buffer = bytearray(files[0].stat().st_size)
+    floor = statistics.median(timed(lambda: read_once(files[i % 2], buffer)) for i in range(rounds))  # noqa: B023
+    rows["floor_read_once"] = floor * 1e3
+    for host in ("peft", "transformers", "fastadapter", "peft_hotswap_adapter"):
+        model = first_loaded("peft" if host == "peft_hotswap_adapter" else host, dirs[0])
+        swap = partial(swap_with_peft if host == "peft_hotswap_adapter" else fastadapter.hotswap, model)
+        swap(dirs[1], "x0")
+        t = statistics.median(timed(lambda: swap(dirs[1 + i % 2], "x0")) for i in range(rounds))  # noqa: B023
+        rows[host] = t * 1e3
+    for host in ("peft", "transformers", "fastadapter", "peft_hotswap_adapter"):
+        print(
+            f"hotswap {host:20s} {rows[host]:8.2f} ms  /floor {rows[host] / rows['floor_read_once']:6.2f}  "
+            f"peft_hotswap_adapter/this {rows['peft_hotswap_adapter'] / rows[host]:6.1f}",
+            flush=True,
+        )
+    print(f"hotswap floor (read the file once)  {rows['floor_read_once']:8.2f} ms", flush=True)
+    return rows
+
+
+JOBS = {"loads": bench_loads, "switch": bench_switch, "hotswap": bench_hotswap}
+
+
+def main(argv: list[str]) -> None:
+    jobs = argv or list(JOBS)
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    results: dict[str, Any] = {"machine": os.uname().nodename, "date": time.strftime("%Y-%m-%d")}
+    with tempfile.TemporaryDirectory(prefix="fastadapter-serving-") as tmp:
+        dirs = adapters(Path(tmp), max(N_LOADS, N_SWITCH) + 1)
+        os.sync()
+        for job in jobs:
+            results[job] = JOBS[job](dirs)
+    out = Path(".benchmarks")
+    out.mkdir(exist_ok=True)
+    (out / "serving.json").write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
