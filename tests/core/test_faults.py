@@ -141,8 +141,11 @@ class Server:
             text=True,
             env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
         )
+        self._early: list[str] = []  # the child's lines read while looking for the pid line
 
     def _line(self) -> str:
+        if self._early:
+            return self._early.pop(0)
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
         assert line, f"server died ({self.proc.poll()})"
@@ -152,7 +155,12 @@ class Server:
         assert self.proc.stdin is not None
         self.proc.stdin.write(json.dumps([op, args]) + "\n")
         self.proc.stdin.flush()
-        return int(json.loads(self._line())["pid"])
+        # The child runs as soon as it is forked: what it prints may come before the server's pid line.
+        early = []
+        while not (line := self._line()).startswith('{"pid"'):
+            early.append(line)
+        self._early = early
+        return int(json.loads(line)["pid"])
 
     def expect(self, text: str) -> None:
         line = self._line()
