@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import sys
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,12 +33,14 @@ import torch
 from torch import nn
 
 from ._assign import _resolve_model_tensor, check_shape, slot_suffixes
+from ._core import SafetensorsFile, read_chunks
 from ._device_load import to_devices
 from ._inject import pattern_key
-from ._read import read_weights
+from ._read import Incoming, _check_all_selected, read_weights, renames
+from ._tensors import mapped_tensors
 from .errors import MissingTensorError, TargetModuleError, TensorError
 from .hosts import AdapterHost, host_for
-from .names import DEFAULT_ADAPTER, PEFT_PREFIX
+from .names import ADAPTER_WEIGHTS, DEFAULT_ADAPTER, PEFT_PREFIX
 
 # What must match between the adapter held and the file: settings the forward reads besides the
 # weights and the scaling (PEFT's CONFIG_KEYS_TO_CHECK, less alpha_pattern: scaling is per layer here).
@@ -91,7 +94,7 @@ def hotswap(
     old = host.require(adapter_name)
     new = host.new_config(directory, is_trainable=not old.inference_mode)
     _check_compatible(old, new, directory)
-    incoming = read_weights(directory, adapter_name)
+    incoming, stored = _read(directory, adapter_name)
     try:
         tuned = _tuned(host, root)
         layers = _held_layers(tuned, adapter_name)
@@ -100,8 +103,11 @@ def hotswap(
         _refuse_merged(layers, adapter_name)
         staged = _staged(layers)  # device copies may fail (memory): still before any change
         with torch.no_grad():
+            reads = []
             for layer in layers.values():
-                _swap(layer, staged)
+                reads.extend(_swap(layer, staged, stored))
+            if reads:
+                read_chunks(incoming.where, reads)
             for existing, value in others:
                 existing.copy_(value)
         for path, layer in layers.items():
@@ -180,9 +186,20 @@ def _tuned(host: AdapterHost, root: nn.Module) -> nn.Module:
 
 
 def _held_layers(tuned: nn.Module, name: str) -> dict[str, _Layer]:
-    """Every LoRA layer (PEFT's or fastadapter's: the same tree) holding adapter `name`."""
+    """Every LoRA layer (PEFT's or fastadapter's: the same tree) holding adapter `name`, found by plan's
+    walk, which does not enter the layers (named_modules would visit every adapter's modules)."""
+    from ._inject import _walk
+    from .layers import LoraLayer
+
+    peft_layers = sys.modules.get("peft.tuners.lora")
+    layer_types: tuple[type[Any], ...] = (LoraLayer,)
+    if peft_layers is not None:
+        layer_types = (*layer_types, peft_layers.LoraLayer)
+    named, _, classes = _walk(tuned, layer_types)
     out: dict[str, _Layer] = {}
-    for path, module in tuned.named_modules():
+    for path, module in named:
+        if type(module) not in classes:
+            continue
         r = module.__dict__.get("r")
         if isinstance(r, dict) and name in r and isinstance(module.__dict__.get("scaling"), dict):
             out[path] = _Layer(path, module, dict(_live_slots(module, name)))
@@ -321,21 +338,56 @@ def _staged(layers: dict[str, _Layer]) -> dict[int, torch.Tensor]:
 # --- changes ---------------------------------------------------------------------------------------------
 
 
-def _swap(layer: _Layer, staged: dict[int, torch.Tensor]) -> None:
+def _swap(layer: _Layer, staged: dict[int, torch.Tensor], stored: dict[int, _Stored]) -> list[_Chunk]:
+    """Copy the file's tensors into the layer's; those that can be read straight from the file into
+    their place (CPU, same dtype, contiguous destination) are returned as reads for `read_chunks`
+    instead: one copy from the page cache, no mapping to fault in."""
     if not layer.incoming:  # a layer the file does not target: PEFT zeroes it
         for live in layer.live.values():
             live.zero_()
-        return
+        return []
+    reads: list[_Chunk] = []
     for slot, src in layer.incoming.items():
         live = layer.live[slot]
-        src = staged.get(id(src), src)
         dim = _RANK_DIM.get(slot)
-        if dim is None or src.shape[dim] == live.shape[dim]:
-            live.copy_(src)
-        else:  # zero padding: only the extra rows / columns are zeroed
-            r = src.shape[dim]
-            live.narrow(dim, 0, r).copy_(src)
+        r = src.shape[dim] if dim is not None else 0
+        padded = dim is not None and r != live.shape[dim]
+        target = live.narrow(dim, 0, r) if padded and dim is not None else live
+        if padded and dim is not None:  # zero padding: only the extra rows / columns are zeroed
             live.narrow(dim, r, live.shape[dim] - r).zero_()
+        record = stored.get(id(src))
+        if (
+            record is not None
+            and target.device.type == "cpu"
+            and target.dtype == src.dtype
+            and target.is_contiguous()
+        ):
+            name, start, shape = record
+            data = target.detach().view(-1).view(torch.uint8).numpy().data
+            reads.append((name, data, start, src.dtype.itemsize, shape, [0] * len(shape), shape))
+        else:
+            target.copy_(staged.get(id(src), src))
+    return reads
+
+
+# (key, where the tensor starts in the file, its shape) / a read for `_core.read_chunks`
+_Stored = tuple[str, int, list[int]]
+_Chunk = tuple[str, memoryview, int, int, list[int], list[int], list[int]]
+
+
+def _read(directory: str, name: str) -> tuple[Incoming, dict[int, _Stored]]:
+    """The file's tensors for adapter `name` (`_read.read_weights`) and, for a safetensors file, where each
+    is stored (by tensor id), for reads straight into the model's tensors. No background prefetch: the
+    reads take the bytes from the page cache directly."""
+    path = os.path.join(directory, ADAPTER_WEIGHTS)
+    if not os.path.isfile(path):
+        return read_weights(directory, name), {}
+    file = SafetensorsFile(path)
+    records = file.select(prefix=PEFT_PREFIX, renames=renames(name))
+    _check_all_selected(path, len(records), len(file), lambda: (e[0] for e in file.entries()))
+    tensors = mapped_tensors(file, records)
+    stored = {id(tensors[key]): (key, start, shape) for key, _, shape, start, _ in records}
+    return Incoming(path, tensors, file), stored
 
 
 def _set_scaling(module: Any, name: str, alpha: float, rank: int, rslora: bool) -> None:

@@ -274,3 +274,24 @@ def test_prepare_for_hotswap_refuses_a_compiled_model_as_peft(tmp_path: Path) ->
     model = on_host("peft", tiny_llama, saved_adapter(tmp_path, "first", "linear", seed=1))
     with pytest.raises(ValueError, match="before"):
         fastadapter.prepare_for_hotswap(torch.compile(model, backend="eager"), target_rank=8)
+
+
+def test_hotswap_into_a_trainable_adapter_and_from_a_bin_file_gives_peft_hotswap_logits(
+    tmp_path: Path,
+) -> None:
+    """Weights that require grad are read into in place too; a `.bin` file (no direct reads) swaps alike."""
+    first = saved_adapter(tmp_path, "first", "embedding", seed=1, r=4, lora_alpha=8)
+    second = saved_adapter(tmp_path, "second", "embedding", seed=2, r=4, lora_alpha=16)
+    as_bin = tmp_path / "bin"
+    as_bin.mkdir()
+    torch.save(load_file(str(second / SAFETENSORS)), as_bin / "adapter_model.bin")
+    (as_bin / CONFIG).write_text((second / CONFIG).read_text())
+    expected = oracle(tiny_llama, first, second)
+    for source in (second, as_bin):
+        model = PeftModel.from_pretrained(tiny_llama(), str(first), is_trainable=True)
+        pointers = {name: p.data_ptr() for name, p in model.named_parameters()}
+        fastadapter.hotswap(model, source)
+        model.eval()
+        torch.testing.assert_close(logits(model, INPUTS), expected, rtol=1e-5, atol=1e-6)
+        assert {name: p.data_ptr() for name, p in model.named_parameters()} == pointers
+        assert all(p.requires_grad for name, p in model.named_parameters() if "lora_" in name)
