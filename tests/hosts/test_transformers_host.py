@@ -385,6 +385,17 @@ def test_a_further_adapter_leaves_the_whole_model_state_as_load_adapter(
     assert_same_state(model_state(ours), model_state(theirs))
 
 
+def test_layers_built_from_an_earlier_loads_template_follow_each_files_config(tmp_path: Path) -> None:
+    """PEFT's layer template is kept across loads, keyed by name, kind, config and model settings: loads
+    that differ only in a setting the template holds (dropout) must each get their own."""
+    for seed, dropout in enumerate((0.0, 0.1, 0.0, 0.25)):
+        directory = peft_dir(tmp_path / str(seed), tiny_llama, {"lora_dropout": dropout}, seed=seed + 1)
+        theirs, ours = load_both(tiny_llama, directory)
+        assert_same_state(model_state(ours), model_state(theirs))
+        got = ours.model.layers[0].self_attn.q_proj.lora_dropout["default"]
+        assert got.p == dropout if dropout else isinstance(got, nn.Identity)
+
+
 # Every torch.nn.init function a layer's construction or PEFT's reset_lora_parameters may call.
 INIT_FUNCTIONS = (
     "kaiming_uniform_",

@@ -12,7 +12,9 @@ this copy does not know makes `TemplateMismatch`, and the caller uses PEFT's own
 
 from __future__ import annotations
 
+import json
 import math
+from collections import OrderedDict
 from typing import Any, cast
 
 from torch import nn
@@ -50,6 +52,24 @@ _EMPTY_CONTAINERS = frozenset(("_caches",))
 _IMMUTABLE = (bool, int, float, str, type(None))
 
 
+# Templates of earlier loads: building one costs PEFT's constructor (~2 ms), a fifth of a 56-layer load.
+_TEMPLATES: OrderedDict[str, nn.Module] = OrderedDict()
+_TEMPLATES_KEPT = 32
+
+
+def _template_key(kind: str, name: str, config: Any, kwargs: dict[str, Any]) -> str:
+    """Everything a template is built from: the layer kind, the adapter name, the whole config and the
+    constructor's keyword arguments (the per-target name aside, which every copy replaces)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, (set, frozenset)):
+            return sorted(value, key=repr)
+        return repr(value)
+
+    settings = {k: v for k, v in kwargs.items() if k != "target_name"}
+    return json.dumps([kind, name, config.to_dict(), settings], sort_keys=True, default=plain)
+
+
 class TemplateMismatch(Exception):
     """The installed peft builds a layer this module does not know how to copy."""
 
@@ -80,13 +100,18 @@ class LayerFactory:
         self.created: list[nn.Module] = []
 
     def template(self, t: Target) -> nn.Module:
-        """PEFT's own layer for a target of this kind, built on the meta device (no init cost)."""
+        """PEFT's own layer for a target of this kind, built on the meta device (no init cost), or the one
+        an earlier load built for the same name, kind, config and model settings (templates are only read)."""
         template = self._templates.get(t.kind)
+        if template is not None:
+            return template
+        kwargs = create_kwargs(self.model, self.config, t.path)
+        key = _template_key(t.kind, self.name, self.config, kwargs)
+        template = _TEMPLATES.get(key)
         if template is None:
             from peft.tuners.lora.layer import Embedding, Linear
             from peft.utils.integrations import init_empty_weights
 
-            kwargs = create_kwargs(self.model, self.config, t.path)
             with init_empty_weights():
                 if t.kind == "embedding":
                     template = Embedding(
@@ -103,7 +128,10 @@ class LayerFactory:
                         **kwargs,
                     )
             _check_template(template)
-            self._templates[t.kind] = template
+            _TEMPLATES[key] = template
+            while len(_TEMPLATES) > _TEMPLATES_KEPT:
+                _TEMPLATES.popitem(last=False)
+        self._templates[t.kind] = template
         return template
 
     def new_layer(self, t: Target, tensors: dict[str, nn.Parameter]) -> nn.Module:
