@@ -17,7 +17,7 @@ import torch
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from safetensors import safe_open
 from torch import nn
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, TrainingArguments
 
 import fastadapter
 
@@ -352,3 +352,43 @@ def assert_same_state(got: dict[str, Any], expected: dict[str, Any]) -> None:
         assert list(got[part]) == list(expected[part]), part
         for key, value in expected[part].items():
             assert got[part][key] == value, f"{part}: {key}"
+
+
+# --- a few Trainer steps (the callback and the patch tests) ---------------------------------------------
+
+
+class Tokens(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
+    def __init__(self, n: int = 16) -> None:
+        self.ids = token_ids(seed=3, batch=n, length=8)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {
+            "input_ids": self.ids[i],
+            "labels": self.ids[i],
+            "attention_mask": torch.ones(8, dtype=torch.long),
+        }
+
+
+def training_args(output: Path, max_steps: int, **kwargs: Any) -> TrainingArguments:
+    """A checkpoint every two steps, on CPU, quiet, seeded."""
+    return TrainingArguments(
+        output_dir=str(output),
+        max_steps=max_steps,
+        save_strategy="steps",
+        save_steps=2,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        report_to=[],
+        use_cpu=True,
+        logging_steps=1000,
+        disable_tqdm=True,
+        seed=0,
+        **kwargs,
+    )
+
+
+def lora_params(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.named_parameters() if "lora_" in k}

@@ -11,42 +11,22 @@ from typing import Any
 import pytest
 import torch
 from peft import PeftModel
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
 from fastadapter.integrations.transformers import FastAdapterCallback
-from helpers import LLAMA_LINEARS, lora_config, make_peft, tiny_llama, token_ids
-
-
-class Tokens(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
-    def __init__(self, n: int = 16) -> None:
-        self.ids = token_ids(seed=3, batch=n, length=8)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {
-            "input_ids": self.ids[i],
-            "labels": self.ids[i],
-            "attention_mask": torch.ones(8, dtype=torch.long),
-        }
+from helpers import (
+    LLAMA_LINEARS,
+    Tokens,
+    lora_config,
+    lora_params,
+    make_peft,
+    tiny_llama,
+    training_args,
+)
 
 
 def trainer(output: Path, model: Any, max_steps: int, **kwargs: Any) -> Trainer:
-    args = TrainingArguments(
-        output_dir=str(output),
-        max_steps=max_steps,
-        save_strategy="steps",
-        save_steps=2,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        report_to=[],
-        use_cpu=True,
-        logging_steps=1000,
-        disable_tqdm=True,
-        seed=0,
-        **kwargs,
-    )
+    args = training_args(output, max_steps, **kwargs)
     return Trainer(
         model=model,
         args=args,
@@ -54,10 +34,6 @@ def trainer(output: Path, model: Any, max_steps: int, **kwargs: Any) -> Trainer:
         eval_dataset=Tokens(4),
         callbacks=[FastAdapterCallback()],
     )
-
-
-def lora_params(model: Any) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.named_parameters() if "lora_" in k}
 
 
 def test_trainer_checkpoints_load_in_peft_and_resume(tmp_path: Path) -> None:

@@ -10,28 +10,21 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import Trainer
 
 import fastadapter
-from helpers import LLAMA_LINEARS, lora_config, make_peft, tiny_llama, token_ids
+from helpers import (
+    LLAMA_LINEARS,
+    Tokens,
+    lora_config,
+    lora_params,
+    make_peft,
+    tiny_llama,
+    training_args,
+)
 
 # What a Trainer checkpoint of a PeftModel holds besides the adapter: the Trainer's own state files.
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "README.md")
-
-
-class Tokens(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
-    def __init__(self, n: int = 16) -> None:
-        self.ids = token_ids(seed=3, batch=n, length=8)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
-        return {
-            "input_ids": self.ids[i],
-            "labels": self.ids[i],
-            "attention_mask": torch.ones(8, dtype=torch.long),
-        }
 
 
 @pytest.fixture(autouse=True)
@@ -45,20 +38,7 @@ def train(output: Path, max_steps: int, resume: Path | None = None, **kwargs: An
     model = make_peft(
         tiny_llama(), lora_config(target_modules=LLAMA_LINEARS), seed=5 if resume else 1
     ).train()
-    args = TrainingArguments(
-        output_dir=str(output),
-        max_steps=max_steps,
-        save_strategy="steps",
-        save_steps=2,
-        per_device_train_batch_size=4,
-        learning_rate=1e-2,
-        report_to=[],
-        use_cpu=True,
-        logging_steps=1000,
-        disable_tqdm=True,
-        seed=0,
-        **kwargs,
-    )
+    args = training_args(output, max_steps, **kwargs)
     Trainer(model=model, args=args, train_dataset=Tokens()).train(
         resume_from_checkpoint=str(resume) if resume else None
     )
@@ -76,10 +56,6 @@ def adapter_files(checkpoint: Path) -> dict[str, Any]:
         else:
             out[name] = data
     return out
-
-
-def lora_params(model: Any) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.named_parameters() if "lora_" in k}
 
 
 def test_checkpoints_equal_the_unpatched_runs_and_resume(tmp_path: Path) -> None:
