@@ -6,7 +6,6 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -25,13 +24,6 @@ SITES = [
     (PeftAdapterMixin, "load_adapter"),
     (PreTrainedModel, "save_pretrained"),
 ]
-
-
-@pytest.fixture(autouse=True)
-def unpatched_after() -> Iterator[None]:
-    fastadapter.patch_report(reset=True)
-    yield
-    fastadapter.unpatch()
 
 
 def test_unpatch_puts_back_the_very_objects_patch_replaced() -> None:

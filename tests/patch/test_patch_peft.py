@@ -3,7 +3,7 @@ exactly as PEFT's original does (PEFT, unpatched, is the oracle), and report tha
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +26,6 @@ from helpers import (
 CALL_FROM = "PeftModel.from_pretrained"
 CALL_LOAD = "PeftModel.load_adapter"
 CALL_SAVE = "PeftModel.save_pretrained"
-
-
-@pytest.fixture(autouse=True)
-def unpatched_after() -> Iterator[None]:
-    fastadapter.patch_report(reset=True)
-    yield
-    fastadapter.unpatch()
 
 
 def saved(

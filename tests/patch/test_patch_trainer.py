@@ -4,11 +4,9 @@ unpatched run writes, and `resume_from_checkpoint` continues from them exactly a
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
 from transformers import Trainer
 
@@ -25,13 +23,6 @@ from helpers import (
 
 # What a Trainer checkpoint of a PeftModel holds besides the adapter: the Trainer's own state files.
 ADAPTER_FILES = ("adapter_model.safetensors", "adapter_config.json", "README.md")
-
-
-@pytest.fixture(autouse=True)
-def unpatched_after() -> Iterator[None]:
-    fastadapter.patch_report(reset=True)
-    yield
-    fastadapter.unpatch()
 
 
 def train(output: Path, max_steps: int, resume: Path | None = None, **kwargs: Any) -> Any:

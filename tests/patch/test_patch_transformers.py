@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,13 +21,6 @@ from helpers import (
 
 CALL_LOAD = "PeftAdapterMixin.load_adapter"
 CALL_SAVE = "PreTrainedModel.save_pretrained"
-
-
-@pytest.fixture(autouse=True)
-def unpatched_after() -> Iterator[None]:
-    fastadapter.patch_report(reset=True)
-    yield
-    fastadapter.unpatch()
 
 
 @pytest.fixture
