@@ -71,13 +71,20 @@ def small_fs(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
 
 
 def fill(fs: Path, leave: int = ROOM) -> Path:
-    """Take all free space but `leave` bytes with one file (blocks really allocated, not sparse)."""
+    """Take all free space but `leave` bytes with one file (blocks really allocated, not sparse).
+
+    ext4 gives back blocks it had preallocated for files closed earlier some time after they close, so
+    the free space is measured again after a sync and the filler grown until it stays taken."""
     filler = fs / "filler"
-    st = os.statvfs(fs)
-    size = st.f_bavail * st.f_frsize - leave
     fd = os.open(filler, os.O_WRONLY | os.O_CREAT, 0o600)
     try:
-        os.posix_fallocate(fd, 0, max(size, 1))
+        for _ in range(10):
+            os.sync()
+            st = os.statvfs(fs)
+            extra = st.f_bavail * st.f_frsize - leave
+            if extra <= 0:
+                break
+            os.posix_fallocate(fd, os.fstat(fd).st_size, extra)
     finally:
         os.close(fd)
     return filler
