@@ -119,10 +119,28 @@ def _load(
         host.load_into(adapter_name, config, file)
         file.done()
         return model
+    _refuse_new_adapter_if_sharded(model, adapter_name)
     incoming = read_weights(adapter_dir, adapter_name)
     host.add_loaded(adapter_name, config, incoming, is_trainable=is_trainable, device=device, dtype=dtype)
     incoming.done()
     return model
+
+
+def _refuse_new_adapter_if_sharded(model: nn.Module, adapter_name: str) -> None:
+    """A sharded model (FSDP2's fully_shard, tensor parallel) takes loads into adapters it already has,
+    not new ones: fully_shard has grouped its parameters already, so new LoRA weights would be neither
+    sharded nor have their gradients reduced across ranks."""
+    from ._sharded import sharded_parameter
+    from .errors import UnsupportedAdapterError
+
+    sharded = sharded_parameter(model)
+    if sharded is not None:
+        raise UnsupportedAdapterError(
+            f"cannot add a new adapter {adapter_name!r} to a sharded model (parameter `{sharded}` is a "
+            "DTensor: FSDP2 or tensor parallel): add the adapter before sharding (get_peft_model, "
+            "add_adapter or fastadapter.inject, then fully_shard), then fastadapter.load into its name; "
+            "or load before sharding"
+        )
 
 
 @_gc_paused

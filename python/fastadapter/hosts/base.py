@@ -95,13 +95,16 @@ class AdapterHost(ABC):
     def load_into(self, name: str, config: Any, file: Incoming) -> None:
         """PEFT's `load_adapter` into an existing name: the file's tensors (keyed as in the file) replace
         adapter `name`'s weights in place (same parameters, same storage: optimizers and hooks that hold
-        them keep working). Every tensor is checked first; only then is anything copied. `config` (the
-        file's) is kept for the adapter, its scaling applied, so that what is saved next is what is loaded."""
+        them keep working); a sharded weight (FSDP2, tensor parallel) receives only this rank's slice.
+        Every tensor is checked first; only then is anything copied. `config` (the file's) is kept for the
+        adapter, its scaling applied, so that what is saved next is what is loaded."""
         import torch
 
+        from .._sharded import check_local_slice, copy_into, to_sharded_state
         from ..errors import MissingTensorError, TargetModuleError, TensorError
 
         old = self.require(name)
+        to_sharded_state(self.model)
         # Embedding weights saved with the adapter (save_embedding_layers) are loaded too, where the model
         # can say which layers are its embeddings.
         live = self.adapter_state_dict(name, save_embeddings=hasattr(self.model, "get_input_embeddings"))
@@ -117,13 +120,14 @@ class AdapterHost(ABC):
                     f"{file.where}: tensor `{key}` for module `{module}` has shape {list(value.shape)}, but "
                     f"the model's adapter `{name}` has {list(target.shape)} there"
                 )
+            check_local_slice(key, target)
         missing = next((k for k in live if k not in file.tensors and _is_lora_key(k)), None)
         if missing is not None:
             raise MissingTensorError(f"{file.where}: no tensor `{missing}` for the model's adapter `{name}`")
         config.inference_mode = old.inference_mode
         with torch.no_grad():
             for key, value in file.tensors.items():
-                live[key].copy_(value)
+                copy_into(live[key], value, key)
         self.configs()[name] = config
         _rescale(self.model, name, config)
 
