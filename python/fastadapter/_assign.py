@@ -103,8 +103,11 @@ def assign(
     trainable: bool,
     device: torch.device | str | None,
     dtype: torch.dtype | None,
+    matched: Matched | None = None,
 ) -> Assignment:
-    m = match(model, p, name, where, tensors)
+    """`match`, then each LoRA tensor converted for its base layer (`matched`: `match`'s result for the
+    same plan and tensors, when the caller checked them already)."""
+    m = matched if matched is not None else match(model, p, name, where, tensors)
     lora = m.lora
     # Conversions (device, dtype) before anything is changed: they may fail (e.g. out of memory).
     # All at once, so that the weights for each GPU go in a few large copies.

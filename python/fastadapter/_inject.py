@@ -75,6 +75,12 @@ class Plan:
     has_wrappers: bool = False
 
 
+# The config fields `plan` may rewrite, as PEFT's injection rewrites them: all-linear and long target
+# lists (`target_modules`), `fan_in_fan_out` per layer type. A plan made on a copy of a config is that
+# config's plan once these are copied back.
+PLAN_REWRITES = ("target_modules", "fan_in_fan_out")
+
+
 def get_submodule_parent(
     model: nn.Module, path: str, known: dict[str, nn.Module] | None = None
 ) -> tuple[nn.Module, str]:

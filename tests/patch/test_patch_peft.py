@@ -3,16 +3,18 @@ exactly as PEFT's original does (PEFT, unpatched, is the oracle), and report tha
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from peft import PeftModel
+from peft import LoraConfig, PeftModel
 
 import fastadapter
 from helpers import (
+    LLAMA_LINEARS,
     assert_same_files,
     assert_same_state,
     logits,
@@ -128,3 +130,63 @@ def test_save_pretrained_writes_peft_files(tmp_path: Path) -> None:
     assert_same_files(tmp_path / "ours", tmp_path / "peft")
     assert_same_files(tmp_path / "ours_bin", tmp_path / "peft_bin")
     assert fastadapter.patch_report().routed[CALL_SAVE] == 2
+
+
+@pytest.mark.parametrize("second_trainable", [False, True])
+def test_load_adapter_onto_a_model_in_training_as_peft(tmp_path: Path, second_trainable: bool) -> None:
+    # The first adapter trainable: the model is in train mode, so the load's eval() (or its absence) and
+    # the trainability it leaves are seen in the state.
+    first = saved(tmp_path, "first")
+    second = saved(tmp_path, "second", seed=2, target_modules=["k_proj", "v_proj"])
+
+    def run() -> PeftModel:
+        model = PeftModel.from_pretrained(tiny_llama(seed=0), str(first), is_trainable=True)
+        model.load_adapter(str(second), "other", is_trainable=second_trainable)
+        return model
+
+    got, expected = both_ways(run)
+    assert_same_state(model_state(got), model_state(expected))
+    assert got.training == second_trainable
+    assert fastadapter.patch_report().routed[CALL_LOAD] == 1
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"target_modules": "all-linear"},
+        {"fan_in_fan_out": True},  # on nn.Linear: PEFT warns and sets it to False
+        {"target_modules": [*LLAMA_LINEARS, *(f"absent{i}" for i in range(15))]},  # PEFT shortens >= 20
+    ],
+    ids=["all-linear", "fan_in_fan_out", "long-target-list"],
+)
+@pytest.mark.parametrize("plan_kept", [True, False])
+def test_from_pretrained_rewrites_the_given_config_and_warns_as_peft(
+    tmp_path: Path, overrides: dict[str, Any], plan_kept: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The routed call plans on a copy of the config before PEFT's wrapper exists and builds from that
+    # plan (or, should the wrapper have moved a target, plans again): the config passed in must still
+    # end up registered, rewritten as PEFT rewrites it, with PEFT's warnings given once.
+    if not plan_kept:
+        from fastadapter.integrations import _patch_peft_load
+
+        monkeypatch.setattr(_patch_peft_load, "_still_planned", lambda *_: False)
+    directory = saved(tmp_path, target_modules=LLAMA_LINEARS)
+    configs: list[LoraConfig] = []
+    caught: list[list[str]] = []
+
+    def load() -> PeftModel:
+        config = lora_config(**{"target_modules": LLAMA_LINEARS, **overrides})
+        configs.append(config)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            model = PeftModel.from_pretrained(tiny_llama(seed=0), str(directory), config=config)
+        caught.append([str(w.message) for w in seen])
+        return model
+
+    got, expected = both_ways(load)
+    assert got.peft_config["default"] is configs[1]
+    assert expected.peft_config["default"] is configs[0]
+    assert_same_state(model_state(got), model_state(expected))
+    assert torch.equal(logits(got, token_ids()), logits(expected, token_ids()))
+    assert caught[1] == caught[0]
+    assert fastadapter.patch_report().routed[CALL_FROM] == 1

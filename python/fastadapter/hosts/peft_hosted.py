@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from .. import _config
-from .._assign import assign, check_shape
+from .._assign import Matched, assign, check_shape
 from .._device_load import to_devices
-from .._inject import adapter_dtype, base_device, install, plan
+from .._inject import Plan, adapter_dtype, base_device, install, plan
 from .._peft_state import lora_state_dict, state_dict_customised
 from ..errors import MissingTensorError, TargetModuleError
 from ..names import PEFT_PREFIX
@@ -41,6 +41,15 @@ def wrapper_types() -> tuple[type[Any], ...]:
     from peft.utils.other import AuxiliaryTrainingWrapper
 
     return (AuxiliaryTrainingWrapper,)
+
+
+@dataclass
+class Planned:
+    """An adapter's plan on the tuned model and the file's tensors matched to it (`_assign.match`), both
+    made before the load: what `add_loaded` would otherwise compute again."""
+
+    plan: Plan
+    matched: Matched
 
 
 @dataclass
@@ -124,11 +133,23 @@ class PeftLayersHost(AdapterHost):
         is_trainable: bool,
         device: torch.device | str | None,
         dtype: torch.dtype | None,
+        planned: Planned | None = None,
     ) -> None:
+        """`planned`: the plan of this adapter on `tuned_model()` and the file's tensors matched to it, made
+        by a caller that checked them before building the host's model (the patched `from_pretrained`), so
+        that the fast way does not plan and check twice."""
         built = False
         if self.fast_path_refusal(config) is None:
             try:
-                self._add_fast(name, config, incoming, is_trainable=is_trainable, device=device, dtype=dtype)
+                self._add_fast(
+                    name,
+                    config,
+                    incoming,
+                    is_trainable=is_trainable,
+                    device=device,
+                    dtype=dtype,
+                    planned=planned,
+                )
                 built = True
             except TemplateMismatch:
                 pass  # nothing was changed: every check runs before the model is touched
@@ -149,9 +170,14 @@ class PeftLayersHost(AdapterHost):
         is_trainable: bool,
         device: torch.device | str | None,
         dtype: torch.dtype | None,
+        planned: Planned | None = None,
     ) -> None:
         model = self.tuned_model()
-        p = plan(model, config, name, layer_types=lora_layer_types(), wrapper_types=wrapper_types())
+        if planned is not None:
+            p, matched = planned.plan, planned.matched
+        else:
+            p = plan(model, config, name, layer_types=lora_layer_types(), wrapper_types=wrapper_types())
+            matched = None
         a = assign(
             model,
             p,
@@ -161,6 +187,7 @@ class PeftLayersHost(AdapterHost):
             trainable=is_trainable,
             device=device,
             dtype=dtype,
+            matched=matched,
         )
         if p.save_targets or p.has_wrappers:
             raise TemplateMismatch("the model has modules_to_save wrappers")  # PEFT's way handles them

@@ -19,6 +19,8 @@ from ._patch_report import fell_back, routed
 if TYPE_CHECKING:
     from torch import nn
 
+    from ._patch_peft_load import NewLora
+
 # What `fastadapter.load` and PEFT agree on for a new adapter loaded from a local directory.
 _TASK_TYPES_WITHOUT_EXTRA_MODULES = (None, "CAUSAL_LM", "SEQ_2_SEQ_LM", "FEATURE_EXTRACTION")
 _LOW_PRECISION_OR_FP32 = ("float32", "float16", "bfloat16")
@@ -170,9 +172,15 @@ def from_pretrained(original: classmethod[Any, Any, Any], call: str) -> Any:
         routed(call)
         from ._patch_peft_load import from_pretrained_fast
 
-        lora_config, incoming = decided
         return from_pretrained_fast(
-            cls, model, lora_config, incoming, adapter_name, is_trainable, autocast_adapter_dtype
+            cls,
+            model,
+            decided.config,
+            decided.incoming,
+            adapter_name,
+            is_trainable,
+            autocast_adapter_dtype,
+            checked=decided,
         )
 
     return classmethod(from_pretrained)  # type: ignore[arg-type]
@@ -188,9 +196,10 @@ def _from_pretrained_decision(
     low_cpu_mem_usage: bool,
     key_mapping: Any,
     kwargs: dict[str, Any],
-) -> str | tuple[Any, Any]:
-    """Why PEFT's own `from_pretrained` must run, or (the LoRA config, the file's tensors) when fastadapter
-    builds exactly what it would. Reads the config and the file's header; changes nothing."""
+) -> str | NewLora:
+    """Why PEFT's own `from_pretrained` must run, or what the check made (the LoRA config, the file's
+    tensors, the plan) when fastadapter builds exactly what it would. Reads the config and the file's
+    header; changes nothing."""
     from peft import LoraConfig, PeftConfig, PeftModel
 
     reason = _local_adapter_refusal(model_id, kwargs, key_mapping)
