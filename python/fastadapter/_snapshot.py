@@ -104,12 +104,12 @@ def take(
                 dst = view[start : start + nbytes].view(src.dtype).view(src.shape)
                 device.append((dst, src))
         images.append(FileImage(name, base, base + total))
-    _copy_device(device)
+    copy_device(device)
     _core.copy_ranges(view.numpy().data, sources, ranges)
     return view, images
 
 
-def _copy_device(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+def copy_device(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Copy (dst, src) pairs; CUDA sources go on one side stream per device, waited on once each."""
     streams: dict[torch.device, torch.cuda.Stream] = {}
     for dst, src in pairs:
