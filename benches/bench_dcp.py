@@ -1,14 +1,19 @@
 """torch.distributed.checkpoint on 2 gloo ranks: fastadapter's StorageWriter/StorageReader against DCP's
 FileSystemWriter and torch's HuggingFaceStorageWriter (per-rank files, and consolidated afterwards), and
-the ceiling: each rank writing its bytes with one `write()` to a new file of its own; and `dcp_no_io`, a
-`dcp.save` through a plugin that plans and resolves every item but writes nothing (DCP's own cost: the
-plan collectives, pickling, resolving), which no plugin can go below.
+the ceiling: each rank writing its bytes with one `write()` to a new file of its own (`raw_write`), or
+with one `pwrite()` at its offset of one file the ranks share (`raw_write_shared`: a consolidated file is
+one inode, whose lock serialises buffered writes); and `dcp_no_io`, a `dcp.save` through a plugin that
+plans and resolves every item but writes nothing (DCP's own cost: the plan collectives, pickling,
+resolving), which no plugin can go below. Loads are measured against `floor`: each rank reading as many
+bytes of the consolidated file with one `preadv()` into memory it holds (the one copy any reader makes).
 
 64 tensors, `Shard(0)` over the ranks, fp32: 512 MiB on 2 ranks by default (64 MiB with
-FASTADAPTER_BENCH_QUICK=1); FASTADAPTER_BENCH_DCP_WORLD and FASTADAPTER_BENCH_DCP_MIB change both. Every save
-goes to a fresh directory (the previous one removed and `os.sync()` untimed), no fsync for anyone
-(`sync_files=False`). The ranks are spawned once and kept; a round is the parent sending the command to
-both ranks and receiving both replies (the same pipe round trip for every contender).
+FASTADAPTER_BENCH_QUICK=1); FASTADAPTER_BENCH_DCP_WORLD and FASTADAPTER_BENCH_DCP_MIB change both,
+FASTADAPTER_BENCH_DCP_ROUNDS the timed rounds per block. Every save goes to a fresh directory (the previous
+one removed and `os.sync()` untimed), no fsync for anyone (`sync_files=False`), unless
+FASTADAPTER_BENCH_DCP_FSYNC=1: then every contender makes its files durable (the ceilings `fsync` theirs).
+The ranks are spawned once and kept; a round is the parent sending the command to both ranks and
+receiving both replies (the same pipe round trip for every contender).
 """
 
 from __future__ import annotations
@@ -34,7 +39,8 @@ COLS = 1024
 ROWS = 4 * int(os.environ.get("FASTADAPTER_BENCH_DCP_MIB", "64" if QUICK else "512"))  # fp32 rows of 4 KiB
 NBYTES = TENSORS * ROWS * COLS * 4
 BLOCKS = 1 if QUICK else 2
-ROUNDS = 1 if QUICK else 3
+ROUNDS = 1 if QUICK else int(os.environ.get("FASTADAPTER_BENCH_DCP_ROUNDS", "3"))
+FSYNC = os.environ.get("FASTADAPTER_BENCH_DCP_FSYNC") == "1"
 SAVE_CONTENDERS = (
     "fastadapter",
     "fastadapter_per_rank",
@@ -42,9 +48,10 @@ SAVE_CONTENDERS = (
     "torch_hf",
     "torch_hf_consolidated",
     "raw_write",
+    "raw_write_shared",
     "dcp_no_io",
 )
-LOAD_CONTENDERS = ("fastadapter", "torch_hf_reader")
+LOAD_CONTENDERS = ("fastadapter", "torch_hf_reader", "floor")
 
 
 def _no_io_writer() -> type:
@@ -105,29 +112,49 @@ def _worker(rank: int, port: int, conn: Any) -> None:
     local = torch.cat([t.to_local().reshape(-1) for t in state.values()])
     target = {k: zeros((ROWS, COLS), device_mesh=mesh, placements=[Shard(0)]) for k in state}
 
+    floor_buffer = torch.empty_like(local)
+
     def save(contender: str, out: str) -> None:
-        if contender == "raw_write":
-            os.makedirs(out, exist_ok=True)
-            with open(os.path.join(out, f"rank-{rank}"), "wb") as f:
-                f.write(local.numpy().data)
+        if contender in ("raw_write", "raw_write_shared"):
+            shared = contender == "raw_write_shared"
+            if rank == 0:
+                os.makedirs(out, exist_ok=True)
+            dist.barrier()  # the directory exists before any rank opens its file
+            name = os.path.join(out, "shared" if shared else f"rank-{rank}")
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | (0 if shared else os.O_TRUNC), 0o644)
+            try:
+                _pwrite_all(fd, local.numpy().data, rank * local.nbytes if shared else 0)
+                if FSYNC:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
             dist.barrier()
             return
         if contender == "fastadapter":
-            writer: Any = StorageWriter(out, sync_files=False)
+            writer: Any = StorageWriter(out, sync_files=FSYNC)
         elif contender == "fastadapter_per_rank":
-            writer = StorageWriter(out, consolidate=False, sync_files=False)
+            writer = StorageWriter(out, consolidate=False, sync_files=FSYNC)
         elif contender == "dcp_no_io":
             writer = _NoIoWriter(out)
         elif contender == "torch_filesystem":
-            writer = FileSystemWriter(out, sync_files=False)
+            writer = FileSystemWriter(out, sync_files=FSYNC)
         else:
             writer = HuggingFaceStorageWriter(
                 out, save_distributed=True, enable_consolidation=contender == "torch_hf_consolidated"
             )
-            writer.sync_files = False
+            writer.sync_files = FSYNC
         dcp.save(state, storage_writer=writer)
 
     def load(contender: str, path: str) -> None:
+        if contender == "floor":
+            # As many bytes as this rank's shards, from this rank's share of the file, one preadv().
+            fd = os.open(os.path.join(path, "model.safetensors"), os.O_RDONLY)
+            try:
+                _pread_all(fd, floor_buffer.numpy().data, rank * floor_buffer.nbytes)
+            finally:
+                os.close(fd)
+            dist.barrier()
+            return
         reader = StorageReader(path) if contender == "fastadapter" else HuggingFaceStorageReader(path)
         dcp.load(target, storage_reader=reader)
 
@@ -147,6 +174,22 @@ def _worker(rank: int, port: int, conn: Any) -> None:
         except Exception:
             conn.send(("error", traceback.format_exc()))
     dist.destroy_process_group()
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    data = data.cast("B")
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
+
+
+def _pread_all(fd: int, into: memoryview, offset: int) -> None:
+    into = into.cast("B")
+    while into:
+        n = os.preadv(fd, [into], offset)
+        if n == 0:
+            raise EOFError(f"file ends at {offset}")
+        into, offset = into[n:], offset + n
 
 
 class Ranks:
@@ -209,7 +252,7 @@ def test_dcp_save(benchmark: Any, ranks: tuple[Ranks, Path], block: int, contend
         shutil.rmtree(out, ignore_errors=True)
         os.sync()
 
-    benchmark.group = f"dcp save, {WORLD} gloo ranks, Shard(0)"
+    benchmark.group = f"dcp save, {WORLD} gloo ranks, Shard(0){', fsync' if FSYNC else ''}"
     benchmark.extra_info.update(contender=contender, block=block, bytes=NBYTES, tensors=TENSORS)
     benchmark.pedantic(
         lambda: r.run("save", contender, str(out)), setup=fresh, rounds=ROUNDS, warmup_rounds=1
@@ -226,4 +269,5 @@ def test_dcp_load(benchmark: Any, ranks: tuple[Ranks, Path], block: int, contend
     benchmark.group = f"dcp load of the consolidated checkpoint, {WORLD} gloo ranks, Shard(0)"
     benchmark.extra_info.update(contender=contender, block=block, bytes=NBYTES, tensors=TENSORS)
     benchmark.pedantic(lambda: r.run("load", contender, str(root / "readme")), rounds=ROUNDS, warmup_rounds=1)
-    r.run("check", contender, "")
+    if contender != "floor":
+        r.run("check", contender, "")

@@ -1,0 +1,182 @@
+"""Saving an FSDP2-sharded LoRA adapter on N gloo ranks (FASTADAPTER_BENCH_DCP_WORLD, default 2).
+
+A Llama-shaped PeftModel (4 layers, hidden 4096, intermediate 11008, r=64 on the 7 linear projections,
+bf16 base, fp32 LoRA: 80 MB, 56 tensors) built on the meta device, `fully_shard` on each decoder layer and
+on the model, then materialised with `to_empty` (the base weights are never touched: only the adapter
+is saved). Contenders, each called on every rank:
+- `fastadapter`: `fastadapter.save(model, dir, is_main_process=rank == 0)` (gathers the adapter; rank 0
+  writes PEFT's files);
+- `peft_gathered`: what PEFT's `save_pretrained` needs for a sharded model: every rank gathers the
+  adapter's DTensors (`full_tensor`), rank 0 calls `save_pretrained(dir, state_dict=full)`;
+- `fastadapter_dcp` / `torch_filesystem`: `dcp.save` of the adapter's sharded state dict through
+  `fastadapter.dcp.StorageWriter` (one consolidated `model.safetensors`) / DCP's `FileSystemWriter`;
+- `raw_write` (ceiling): each rank writes its shards' bytes with one `write()` to a new file of its own.
+Every save into a fresh directory (removed and `os.sync()` untimed), no fsync.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import traceback
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from conftest import LLAMA_TARGETS, QUICK
+
+WORLD = int(os.environ.get("FASTADAPTER_BENCH_DCP_WORLD", "2"))
+BLOCKS = 1 if QUICK else 2
+ROUNDS = 1 if QUICK else 5
+CONTENDERS = ("fastadapter", "peft_gathered", "fastadapter_dcp", "torch_filesystem", "raw_write")
+
+
+def _sharded_peft_llama() -> Any:
+    from peft import LoraConfig, get_peft_model
+    from torch.distributed.fsdp import fully_shard
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=1024,
+        hidden_size=256 if QUICK else 4096,
+        intermediate_size=512 if QUICK else 11008,
+        num_hidden_layers=4,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        torch_dtype=torch.bfloat16,
+    )
+    with torch.device("meta"):
+        base = LlamaForCausalLM(config).to(torch.bfloat16)
+        model = get_peft_model(base, LoraConfig(r=64, lora_alpha=128, target_modules=LLAMA_TARGETS))
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+    model.to_empty(device="cpu")
+    g = torch.Generator().manual_seed(torch.distributed.get_rank())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.to_local().normal_(generator=g)
+    return model
+
+
+def _worker(rank: int, port: int, conn: Any) -> None:
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from peft.utils.save_and_load import get_peft_model_state_dict
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    import fastadapter
+    from fastadapter.dcp import StorageWriter
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD, timeout=timedelta(600)
+    )
+    model = _sharded_peft_llama()
+    lora = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+    local = torch.cat([t.to_local().reshape(-1) for t in lora.values()])
+
+    def save(contender: str, out: str) -> None:
+        if contender == "fastadapter":
+            fastadapter.save(model, out, is_main_process=rank == 0)
+        elif contender == "peft_gathered":
+            full = {k: v.full_tensor() for k, v in get_peft_model_state_dict(model).items()}
+            if rank == 0:
+                model.save_pretrained(out, state_dict=full)
+        elif contender == "fastadapter_dcp":
+            dcp.save(lora, storage_writer=StorageWriter(out, sync_files=False))
+        elif contender == "torch_filesystem":
+            dcp.save(lora, storage_writer=FileSystemWriter(out, sync_files=False))
+        else:
+            if rank == 0:
+                os.makedirs(out, exist_ok=True)
+            dist.barrier()
+            with open(os.path.join(out, f"rank-{rank}"), "wb") as f:
+                f.write(local.numpy().data)
+        dist.barrier()
+
+    while True:
+        command, contender, path = conn.recv()
+        if command == "stop":
+            break
+        try:
+            if command == "save":
+                save(contender, path)
+            elif command == "nbytes":
+                conn.send(("ok", (sum(t.numel() * t.element_size() for t in lora.values()), len(lora))))
+                continue
+            conn.send(("ok", None))
+        except Exception:
+            conn.send(("error", traceback.format_exc()))
+    dist.destroy_process_group()
+
+
+class Ranks:
+    def __init__(self) -> None:
+        from _dist_port import free_port  # type: ignore[import-not-found]
+
+        ctx = mp.get_context("spawn")
+        self.conns, self.procs = [], []
+        port = free_port()
+        for rank in range(WORLD):
+            parent, child = ctx.Pipe()
+            p = ctx.Process(target=_worker, args=(rank, port, child), daemon=True)
+            p.start()
+            self.conns.append(parent)
+            self.procs.append(p)
+
+    def run(self, command: str, contender: str = "", path: str = "") -> Any:
+        for c in self.conns:
+            c.send((command, contender, path))
+        replies = [c.recv() for c in self.conns]
+        errors = [r[1] for r in replies if r[0] != "ok"]
+        if errors:
+            raise RuntimeError(errors[0])
+        return replies[0][1]
+
+    def stop(self) -> None:
+        for c in self.conns:
+            c.send(("stop", "", ""))
+        for p in self.procs:
+            p.join(60)
+
+
+@pytest.fixture(scope="module")
+def ranks() -> Iterator[tuple[Ranks, Path, tuple[int, int]]]:
+    root = Path(tempfile.mkdtemp(prefix="fastadapter-bench-dcp-adapter-"))
+    r = Ranks()
+    try:
+        yield r, root, r.run("nbytes")
+    finally:
+        r.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _schedule() -> list[tuple[int, str]]:
+    n = len(CONTENDERS)
+    return [(b, CONTENDERS[(b + i) % n]) for b in range(BLOCKS) for i in range(n)]
+
+
+@pytest.mark.parametrize(("block", "contender"), _schedule(), ids=[f"b{b}-{c}" for b, c in _schedule()])
+def test_fsdp2_adapter_save(
+    benchmark: Any, ranks: tuple[Ranks, Path, tuple[int, int]], block: int, contender: str
+) -> None:
+    r, root, (nbytes, tensors) = ranks
+    out = root / f"save-{contender}"
+
+    def fresh() -> None:
+        shutil.rmtree(out, ignore_errors=True)
+        os.sync()
+
+    benchmark.group = f"FSDP2 adapter save, {WORLD} gloo ranks"
+    benchmark.extra_info.update(contender=contender, block=block, bytes=nbytes, tensors=tensors)
+    benchmark.pedantic(
+        lambda: r.run("save", contender, str(out)), setup=fresh, rounds=ROUNDS, warmup_rounds=1
+    )
