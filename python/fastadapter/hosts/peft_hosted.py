@@ -21,7 +21,7 @@ from .. import _config
 from .._assign import Matched, assign, check_shape
 from .._device_load import to_devices
 from .._inject import Plan, adapter_dtype, base_device, install, plan
-from .._peft_state import lora_state_dict, state_dict_customised
+from .._peft_state import lora_state_dict_unless_customised
 from ..errors import MissingTensorError, TargetModuleError
 from ..names import PEFT_PREFIX
 from .base import AdapterHost
@@ -75,7 +75,10 @@ class PeftLayersHost(AdapterHost):
     def adapter_state_dict(
         self, name: str, save_embeddings: bool, state_dict: dict[str, torch.Tensor] | None = None
     ) -> dict[str, torch.Tensor]:
-        if state_dict_customised(self.model):
+        fast = lora_state_dict_unless_customised(
+            self.model, name, save_embeddings, configs=self.configs(), prefix=PEFT_PREFIX
+        )
+        if fast is None:
             # transformers' `get_adapter_state_dict` is PEFT's selection, from `model.state_dict()`.
             from peft.utils.save_and_load import get_peft_model_state_dict
 
@@ -83,7 +86,7 @@ class PeftLayersHost(AdapterHost):
                 self.model, adapter_name=name, save_embedding_layers=save_embeddings
             )
             return {PEFT_PREFIX + k: v for k, v in selected.items()}
-        return lora_state_dict(self.model, name, save_embeddings, configs=self.configs(), prefix=PEFT_PREFIX)
+        return fast
 
     def new_config(self, adapter_dir: str, *, is_trainable: bool) -> Any:
         from peft import LoraConfig

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .. import _peft_files
-from .._peft_state import lora_state_dict, state_dict_customised
+from .._peft_state import lora_state_dict_unless_customised
 from ..names import MODEL_CARD
 from .peft_hosted import PeftLayersHost, activate_layer, activate_layers, set_training
 
@@ -39,12 +39,10 @@ class PeftHost(PeftLayersHost):
     ) -> dict[str, torch.Tensor]:
         config = self.configs()[name]
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        if (
-            state_dict is not None
-            or distributed
-            or config.peft_type != "LORA"
-            or state_dict_customised(self.model)
-        ):
+        fast = None
+        if state_dict is None and not distributed and config.peft_type == "LORA":
+            fast = lora_state_dict_unless_customised(self.model, name, save_embeddings)
+        if fast is None:
             # Caller-provided state dicts, sharded models (their state_dict is a collective), non-LoRA
             # methods and models whose `state_dict` is overridden or hooked take PEFT's own selection (it
             # starts from `model.state_dict()`); the bytes are still written by fastadapter.
@@ -54,7 +52,7 @@ class PeftHost(PeftLayersHost):
                 self.model, state_dict=state_dict, adapter_name=name, save_embedding_layers=save_embeddings
             )
             return selected
-        return lora_state_dict(self.model, name, save_embeddings)
+        return fast
 
     def config_json(self, config: Any, *, converted_from_initial: bool = False) -> bytes:
         return _peft_files.config_json(self.model, config, converted_from_initial=converted_from_initial)
