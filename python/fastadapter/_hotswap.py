@@ -38,7 +38,7 @@ from ._device_load import to_devices
 from ._inject import pattern_key
 from ._read import Incoming, _check_all_selected, read_weights, renames
 from ._tensors import mapped_tensors
-from .errors import MissingTensorError, TargetModuleError, TensorError
+from .errors import MissingTensorError, TargetModuleError, TensorError, UnsupportedAdapterError
 from .hosts import AdapterHost, host_for
 from .names import ADAPTER_WEIGHTS, DEFAULT_ADAPTER, PEFT_PREFIX
 
@@ -80,6 +80,12 @@ def hotswap(
     (PEFT's `hotswap_adapter(model, model_name_or_path, adapter_name, torch_device)`). `model` may be
     `torch.compile`d. Each weight stays on its device (`torch_device` is accepted for PEFT's signature;
     the weights go where the adapter's are). `subfolder` is PEFT's keyword; the hub's are refused."""
+    _swap(model, local_directory(adapter_dir, kwargs), adapter_name, as_peft=False)
+
+
+def local_directory(adapter_dir: str | os.PathLike[str], kwargs: dict[str, Any]) -> str:
+    """The adapter directory a swap reads (`subfolder` joined); TypeError for the hub's keywords or any
+    other. Takes what it knows out of `kwargs`."""
     directory = os.fspath(adapter_dir)
     subfolder = kwargs.pop("subfolder", None)
     if subfolder:
@@ -89,34 +95,99 @@ def hotswap(
         raise TypeError(
             f"hotswap reads a local adapter directory; unsupported argument(s) {hub + list(kwargs)}"
         )
+    return directory
+
+
+def swap_as_peft(model: nn.Module, directory: str, adapter_name: str) -> None:
+    """PEFT's own `hotswap_adapter` on a PeftModel, with its result: the weights swapped as `hotswap`
+    swaps them and each swapped layer's scaling set, but the adapter's config and the layers' `lora_alpha`
+    left as they were (PEFT updates neither: peft#3581). What PEFT's function does differently from
+    `hotswap` (its errors, its quirks) is refused with `UnsupportedAdapterError` before anything changes,
+    for the caller to run PEFT's own: merged adapters, layers other than `lora.Linear`, tensors of the file
+    that are not LoRA weights, and an adapter name found elsewhere in the model's state-dict keys (PEFT
+    zeroes every `lora_` key that contains it). The caller checks the configs (PEFT's check and
+    `check_compatible`) and leaves DoRA, `lora_bias` and rank/alpha patterns to PEFT."""
+    _swap(model, directory, adapter_name, as_peft=True)
+
+
+def _swap(model: nn.Module, directory: str, adapter_name: str, *, as_peft: bool) -> None:
     root = _uncompiled(model)
     host = host_for(root)
     old = host.require(adapter_name)
     new = host.new_config(directory, is_trainable=not old.inference_mode)
-    _check_compatible(old, new, directory)
+    check_compatible(old, new, directory)
     incoming, stored = _read(directory, adapter_name)
     try:
         tuned = _tuned(host, root)
-        layers = _held_layers(tuned, adapter_name)
+        layers, paths = _held_layers(tuned, adapter_name)
+        if as_peft:
+            _refuse_unlike_peft(layers, paths, host.configs(), adapter_name)
         others = _match(tuned, layers, incoming.tensors, adapter_name, incoming.where)
+        if as_peft and others:
+            raise UnsupportedAdapterError(
+                f"{incoming.where}: tensors that are not LoRA weights (PEFT's hotswap_adapter does not "
+                "copy them)"
+            )
         alphas = {p: _check_config_rank(layer, new, incoming.where) for p, layer in layers.items()}
         _refuse_merged(layers, adapter_name)
         staged = _staged(layers)  # device copies may fail (memory): still before any change
         with torch.no_grad():
             reads = []
             for layer in layers.values():
-                reads.extend(_swap(layer, staged, stored))
+                reads.extend(_swap_layer(layer, staged, stored))
             if reads:
                 read_chunks(incoming.where, reads)
             for existing, value in others:
                 existing.copy_(value)
         for path, layer in layers.items():
             if layer.incoming:
-                _set_scaling(layer.module, adapter_name, alphas[path], _rank(layer.incoming), new.use_rslora)
-        held = {p: (x.held_rank, _rank(x.incoming), alphas[p]) for p, x in layers.items() if x.incoming}
-        _replace_config(old, _held_config(new, held))
+                rank = _rank(layer.incoming)
+                _set_scaling(layer.module, adapter_name, alphas[path], rank, new.use_rslora, not as_peft)
+        if not as_peft:
+            held = {p: (x.held_rank, _rank(x.incoming), alphas[p]) for p, x in layers.items() if x.incoming}
+            _replace_config(old, _held_config(new, held))
     finally:
         incoming.done()
+
+
+# Segments of PEFT's state-dict keys under a LoRA layer besides module paths and adapter names.
+_KEY_WORDS = (
+    "base_model",
+    "model",
+    "_orig_mod",
+    "base_layer",
+    "lora_A",
+    "lora_B",
+    "lora_embedding_A",
+    "lora_embedding_B",
+    "lora_magnitude_vector",
+    "weight",
+    "bias",
+)
+
+
+def _refuse_unlike_peft(
+    layers: dict[str, _Layer], paths: list[str], configs: dict[str, Any], name: str
+) -> None:
+    from peft.tuners.lora import Linear
+
+    if any(name in getattr(layer.module, "merged_adapters", ()) for layer in layers.values()):
+        raise UnsupportedAdapterError(f"adapter {name!r} is merged (PEFT raises its own error)")
+    odd = next((x for x in layers.values() if type(x.module) is not Linear), None)
+    if odd is not None:
+        raise UnsupportedAdapterError(
+            f"`{odd.path}` is a {type(odd.module).__name__} (PEFT's hotswap_adapter handles lora.Linear "
+            "alike, not others)"
+        )
+    # PEFT zeroes every state-dict key holding "lora_" and the name that the file does not hold: with the
+    # name inside another segment (another adapter's name, a module's), that is more than this adapter.
+    segments = {seg for path in paths for seg in path.split(".")}
+    segments.update(_KEY_WORDS)
+    segments.update(n for n in configs if n != name)
+    if "." in name or any(name in seg for seg in segments):
+        raise UnsupportedAdapterError(
+            f"adapter name {name!r} is part of other state-dict keys (PEFT's hotswap_adapter zeroes those)"
+        )
 
 
 def prepare_for_hotswap(
@@ -145,7 +216,7 @@ def prepare_for_hotswap(
     host = host_for(root)
     configs = host.configs()
     tuned = _tuned(host, root)
-    per_adapter = {name: _held_layers(tuned, name) for name in configs}
+    per_adapter = {name: _held_layers(tuned, name)[0] for name in configs}
     if not any(per_adapter.values()):
         raise ValueError("the model has no adapter layers: load the first adapter before preparing")
     if target_rank is not None:
@@ -185,9 +256,10 @@ def _tuned(host: AdapterHost, root: nn.Module) -> nn.Module:
     return tuned() if tuned is not None else root
 
 
-def _held_layers(tuned: nn.Module, name: str) -> dict[str, _Layer]:
+def _held_layers(tuned: nn.Module, name: str) -> tuple[dict[str, _Layer], list[str]]:
     """Every LoRA layer (PEFT's or fastadapter's: the same tree) holding adapter `name`, found by plan's
-    walk, which does not enter the layers (named_modules would visit every adapter's modules)."""
+    walk, which does not enter the layers (named_modules would visit every adapter's modules); and the
+    path of every module that walk met."""
     from ._inject import _walk
     from .layers import LoraLayer
 
@@ -203,7 +275,7 @@ def _held_layers(tuned: nn.Module, name: str) -> dict[str, _Layer]:
         r = module.__dict__.get("r")
         if isinstance(r, dict) and name in r and isinstance(module.__dict__.get("scaling"), dict):
             out[path] = _Layer(path, module, dict(_live_slots(module, name)))
-    return out
+    return out, [path for path, _ in named]
 
 
 def _live_slots(layer: nn.Module, name: str) -> Iterator[tuple[str, torch.Tensor]]:
@@ -232,7 +304,7 @@ def _live_slots(layer: nn.Module, name: str) -> Iterator[tuple[str, torch.Tensor
 # --- checks (nothing changes) -----------------------------------------------------------------------------
 
 
-def _check_compatible(old: Any, new: Any, where: str) -> None:
+def check_compatible(old: Any, new: Any, where: str) -> None:
     for key in _SAME_SETTINGS:
         a, b = getattr(old, key, None), getattr(new, key, None)
         if a != b:
@@ -338,7 +410,7 @@ def _staged(layers: dict[str, _Layer]) -> dict[int, torch.Tensor]:
 # --- changes ---------------------------------------------------------------------------------------------
 
 
-def _swap(layer: _Layer, staged: dict[int, torch.Tensor], stored: dict[int, _Stored]) -> list[_Chunk]:
+def _swap_layer(layer: _Layer, staged: dict[int, torch.Tensor], stored: dict[int, _Stored]) -> list[_Chunk]:
     """Copy the file's tensors into the layer's; those that can be read straight from the file into
     their place (CPU, same dtype, contiguous destination) are returned as reads for `read_chunks`
     instead: one copy from the page cache, no mapping to fault in."""
@@ -390,14 +462,15 @@ def _read(directory: str, name: str) -> tuple[Incoming, dict[int, _Stored]]:
     return Incoming(path, tensors, file), stored
 
 
-def _set_scaling(module: Any, name: str, alpha: float, rank: int, rslora: bool) -> None:
+def _set_scaling(module: Any, name: str, alpha: float, rank: int, rslora: bool, set_alpha: bool) -> None:
     scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
     current = module.scaling[name]
     if isinstance(current, torch.Tensor):
         current.fill_(scaling)  # in place: a compiled graph reads the same tensor
     else:
         module.scaling[name] = scaling
-    module.lora_alpha[name] = alpha
+    if set_alpha:
+        module.lora_alpha[name] = alpha
 
 
 def _tensor_scaling(module: Any, name: str) -> None:

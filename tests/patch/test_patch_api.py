@@ -142,23 +142,6 @@ def test_load_into_an_existing_adapter_name_runs_peft_and_keeps_peft_semantics(t
     assert report.fallbacks_of("PeftModel.load_adapter") == 1
 
 
-def test_hotswap_falls_back_to_peft_until_fastadapter_has_one(tmp_path: Path) -> None:
-    from peft.utils.hotswap import hotswap_adapter
-
-    make_peft(tiny_llama(), lora_config(), seed=1).save_pretrained(str(tmp_path / "a"))
-    make_peft(tiny_llama(), lora_config(), seed=2).save_pretrained(str(tmp_path / "b"))
-    expected = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "a"))
-    hotswap_adapter(expected, str(tmp_path / "b"), "default")
-    with fastadapter.patched():
-        import peft.utils.hotswap as module
-
-        model = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "a"))
-        module.hotswap_adapter(model, str(tmp_path / "b"), "default")
-    for (name, got), (_, want) in zip(model.state_dict().items(), expected.state_dict().items(), strict=True):
-        assert torch.equal(got, want), name
-    assert fastadapter.patch_report().fallbacks[("hotswap_adapter", "fastadapter has no hotswap yet")] == 1
-
-
 def test_unsupported_configs_fall_back_with_a_reason(tmp_path: Path) -> None:
     base = make_peft(tiny_llama(), lora_config(init_lora_weights="pissa"), seed=1)
     base.save_pretrained(str(tmp_path / "pissa"))

@@ -334,9 +334,80 @@ def hotswap_adapter(original: Any, call: str) -> Any:
     def hotswap_adapter(
         model: Any, model_name_or_path: str, adapter_name: str, torch_device: str | None = None, **kwargs: Any
     ) -> None:
-        # The place where `fastadapter.hotswap` (issue 15) is to be routed, deciding support first as the
-        # other sites do. Until it exists, every call is PEFT's own.
-        fell_back(call, "fastadapter has no hotswap yet")
+        reason, directory = _hotswap_refusal(model, model_name_or_path, adapter_name, torch_device, kwargs)
+        if reason is None:
+            from .._hotswap import swap_as_peft
+
+            try:
+                swap_as_peft(model, directory, adapter_name)
+            except FastAdapterError as e:  # raised by the checks, before the model was touched
+                reason = _why(e)
+            else:
+                routed(call)
+                return None
+        fell_back(call, reason)
         original(model, model_name_or_path, adapter_name, torch_device, **kwargs)
 
     return hotswap_adapter
+
+
+def _hotswap_refusal(
+    model: Any, model_id: Any, adapter_name: str, torch_device: Any, kwargs: dict[str, Any]
+) -> tuple[str | None, str]:
+    """(why PEFT's own `hotswap_adapter` must run, or None; the adapter directory). The configs are
+    checked here, as PEFT checks them (against the active adapter's config) and as fastadapter does
+    (against the swapped adapter's); what depends on the layers, `swap_as_peft` checks."""
+    from peft import LoraConfig, PeftConfig, PeftModel
+    from peft.utils.hotswap import check_hotswap_configs_compatible
+
+    from .._hotswap import _uncompiled, check_compatible
+
+    if kwargs.keys() - {"subfolder"}:
+        return f"keyword arguments {sorted(kwargs.keys() - {'subfolder'})}", ""
+    directory = os.fspath(model_id) if isinstance(model_id, (str, os.PathLike)) else ""
+    if kwargs.get("subfolder"):
+        directory = os.path.join(directory, kwargs["subfolder"])
+    reason = _local_adapter_refusal(directory, {}, None)
+    if reason is not None:
+        return reason, directory
+    if not _device_exists(torch_device):
+        return f"torch_device {torch_device!r} (PEFT reads the file there)", directory
+    root = _uncompiled(model)
+    if not isinstance(root, PeftModel):
+        return f"a {type(root).__name__}, not a PeftModel (PEFT's own error)", directory
+    old: Any = root.peft_config.get(adapter_name)
+    if old is None:
+        return "unknown adapter name (PEFT's own error)", directory
+    if old.peft_type != "LORA":
+        return f"peft_type {getattr(old.peft_type, 'value', old.peft_type)}", directory
+    if PeftConfig._get_peft_type(directory) != "LORA":
+        return "the file's adapter is not LoRA (PEFT's own error)", directory
+    new = LoraConfig.from_pretrained(directory)
+    try:
+        check_hotswap_configs_compatible(model.active_peft_config, new)
+        check_compatible(old, new, directory)
+    except ValueError as e:
+        return f"incompatible configs ({_why(e)})", directory
+    for config in (old, new):
+        if config.use_dora or config.lora_bias:
+            return "DoRA or lora_bias (PEFT's hotswap_adapter cannot name their tensors)", directory
+        if config.rank_pattern or config.alpha_pattern:
+            return "rank_pattern / alpha_pattern (PEFT's hotswap_adapter matches them to no layer)", directory
+    return None, directory
+
+
+def _device_exists(torch_device: Any) -> bool:
+    """None, the CPU or a CUDA device this process has: where PEFT's read of the file cannot fail (the
+    weights then go where the adapter's are, the same result wherever the file was read to)."""
+    import torch
+
+    if torch_device is None:
+        return True
+    try:
+        device = torch.device(torch_device)
+    except (RuntimeError, TypeError):
+        return False
+    if device.type == "cpu":
+        return True
+    cuda = torch.cuda
+    return device.type == "cuda" and cuda.is_available() and (device.index or 0) < cuda.device_count()

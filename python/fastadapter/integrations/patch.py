@@ -7,7 +7,8 @@ return value, side effects, warnings, exceptions and files as the original:
 - `PeftModel.from_pretrained` and `PeftModel.load_adapter` (a new adapter name) -> fastadapter's load,
   with PEFT's semantics (`load_adapter` leaves the active adapter as it was and returns the load result);
 - transformers' `PreTrainedModel.load_adapter` and adapter-only `save_pretrained`;
-- `peft.utils.hotswap.hotswap_adapter`: always PEFT's own for now (fastadapter has no hotswap yet).
+- `peft.utils.hotswap.hotswap_adapter` -> `fastadapter.hotswap`, with PEFT's bookkeeping (the adapter's
+  config and `lora_alpha` stay as they were; only the weights and the scaling change).
 
 Each call first decides, before anything is changed, whether fastadapter supports it (method, options,
 files, model); if not, the original runs. `patch_report()` counts both, with the reasons; the
