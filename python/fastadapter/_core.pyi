@@ -56,9 +56,13 @@ class SafetensorsFile:
         renames: Sequence[tuple[str, str]] | None = None,
     ) -> list[_Record]: ...
     def prefetch(self) -> None:
-        """Start mapping the pages in on a background thread (advisory); ``stop_prefetch`` ends it."""
-    def stop_prefetch(self, wait: bool = False) -> None:
-        """Stop the prefetch after its current 4 MiB step (or, ``wait=True``, once it is done) and join it."""
+        """Start bringing the pages in on a background thread (one thread while they are in the page
+        cache, four reading at once when some are not); ``stop_prefetch`` ends it."""
+    def stop_prefetch(self, wait: bool = False) -> bool:
+        """Join the prefetch: stopped after its current 4 MiB piece while the pages are cached (or,
+        ``wait=True``, once every page is in), always run to the end once it reads from disk. Returns
+        whether it read from disk; its error (file shrunk, disk error) is raised as ``OSError`` naming
+        the file."""
     def __buffer__(self, flags: int, /) -> memoryview: ...
 
 def select_keys(

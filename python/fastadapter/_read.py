@@ -8,6 +8,7 @@ weights (`x.lora_A.<name>.weight`), so later stages never see PEFT's file keys.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -28,10 +29,18 @@ class Incoming:
     tensors: dict[str, torch.Tensor]
     mapped: SafetensorsFile | None  # the private mapping the tensors view (safetensors), or None
 
-    def done(self) -> None:
-        """The load is over: stop prefetching the mapping's pages (the tensors stay valid)."""
+    def ready(self) -> None:
+        """The load is over: the prefetch of the mapping's pages ends (the tensors stay valid). One that
+        found the file out of the page cache reads it to the end first, so the weights are in memory
+        when the load returns; its error (the file shrank under the mapping, a disk error) is raised
+        here as `OSError` naming the file, where touching the weights would have crashed the process."""
         if self.mapped is not None:
             self.mapped.stop_prefetch()
+
+    def done(self) -> None:
+        """`ready`, for `finally` blocks: the prefetch's error is not raised."""
+        with contextlib.suppress(OSError):
+            self.ready()
 
 
 def renames(name: str) -> list[tuple[str, str]]:
@@ -67,7 +76,8 @@ def _check_all_selected(path: str, selected: int, total: int, keys: Callable[[],
 def read_weights(adapter_dir: str, name: str) -> Incoming:
     """The adapter's tensors for adapter name `name`. safetensors tensors are views of one private mapping
     whose pages a background thread maps in while the caller builds the layers (on another core), until
-    `Incoming.done()`: every page it reached costs no fault later."""
+    `Incoming.ready()`: every page it reached costs no fault later. Pages not in the page cache are read
+    by several threads at once (the core's `prefetch`), to the end of the file."""
     path = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
     if os.path.isfile(path):
         file = SafetensorsFile(path)

@@ -122,7 +122,11 @@ def _load(
     _refuse_new_adapter_if_sharded(model, adapter_name)
     incoming = read_weights(adapter_dir, adapter_name)
     host.add_loaded(adapter_name, config, incoming, is_trainable=is_trainable, device=device, dtype=dtype)
-    incoming.done()
+    try:
+        incoming.ready()
+    except OSError:
+        host.delete_adapter(adapter_name)  # its weights are views of pages that cannot be read
+        raise
     return model
 
 

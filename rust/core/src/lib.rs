@@ -2,6 +2,7 @@
 //!
 //! * [`reader`]: memory-maps a `.safetensors` file and validates its header with the same rules as the
 //!   `safetensors` crate (it *is* the crate's validator), handing out offsets and borrowed slices, never copies.
+//! * [`prefetch`]: brings a mapped file's pages in before use, with parallel reads when they are not cached.
 //! * [`select`]: picks tensors by prefix / regex and renames keys, header-only.
 //! * [`layout`]: computes the exact header bytes and data order that `safetensors` 0.8 writes.
 //! * [`writer`]: writes a file from caller-owned buffers with parallel positional writes, atomically.
@@ -22,6 +23,7 @@ pub mod layout;
 pub mod pickle;
 pub mod pickle_globals;
 pub mod positioned;
+pub mod prefetch;
 pub mod reader;
 pub mod release;
 pub mod select;

@@ -8,12 +8,12 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use memmap2::{MmapMut, MmapOptions};
 use safetensors::{Dtype, SafeTensorError, SafeTensors};
 
 use crate::error::{Error, IoContext, Result};
+use crate::prefetch::{prefetch, Prefetch};
 
 /// One tensor of a file: where its bytes are, as absolute offsets into the file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -143,43 +143,10 @@ impl SafetensorsFile {
         (self.map.as_mut_ptr(), self.map.len())
     }
 
-    /// Map the file's pages into this process now, read-only (`MADV_POPULATE_READ`), so that later reads
-    /// of the tensors take no page faults; in 4 MiB steps, stopping early once `stop` is set. Meant for a
-    /// background thread while the caller builds what will use the tensors: populating is not faster
-    /// than faulting the pages in on first touch (537 MB in the page cache: 25 ms), but done beside the
-    /// caller's work it is off the critical path, and stopping when that work is done means the caller
-    /// never waits for it; pages not reached are faulted in on first use as usual. Pages not yet cached
-    /// are read from disk. A write to a tensor still gets its private copy. Kernels before 5.14 lack the
-    /// advice: then one byte per page is read instead.
-    pub fn populate_until(&self, stop: &AtomicBool) -> Result<()> {
-        const STEP: usize = 4 << 20;
-        let mut offset = 0;
-        while offset < self.map.len() && !stop.load(Ordering::Relaxed) {
-            let len = STEP.min(self.map.len() - offset);
-            self.populate_range(offset, len)?;
-            offset += len;
-        }
-        Ok(())
-    }
-
-    fn populate_range(&self, offset: usize, len: usize) -> Result<()> {
-        #[cfg(target_os = "linux")]
-        match self
-            .map
-            .advise_range(memmap2::Advice::PopulateRead, offset, len)
-        {
-            Ok(()) => return Ok(()),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
-            // EFAULT: the file shrank under the mapping. Reported, where touching would raise SIGBUS.
-            Err(e) => return Err(Error::io(&self.path, e)),
-        }
-        let mut sum = 0u8;
-        for page in self.map[offset..offset + len].chunks(4096) {
-            // SAFETY: a read of an in-bounds byte of the mapping; volatile so it is not optimised away.
-            sum = sum.wrapping_add(unsafe { std::ptr::read_volatile(page.as_ptr()) });
-        }
-        std::hint::black_box(sum);
-        Ok(())
+    /// Bring the file's pages into this process before the tensors are used: see [`crate::prefetch`]
+    /// (one thread while they are in the page cache, `threads` reading at once when they are not).
+    pub fn prefetch(&self, threads: usize, state: &Prefetch) -> Result<()> {
+        prefetch(&self.map, &self.path, threads, state)
     }
 
     pub fn entry(&self, name: &str) -> Result<&TensorEntry> {
@@ -258,20 +225,6 @@ mod tests {
         let msg = err.to_string();
         assert!(msg.contains(&f.path().display().to_string()), "{msg}");
         msg
-    }
-
-    #[test]
-    fn populate_keeps_the_bytes() {
-        let f = raw_file(
-            r#"{"a":{"dtype":"U8","shape":[3],"data_offsets":[0,3]}}"#,
-            3,
-        );
-        let file = SafetensorsFile::open(f.path()).unwrap();
-        let before = file.bytes().to_vec();
-        file.populate_until(&AtomicBool::new(false)).unwrap();
-        assert_eq!(file.bytes(), &before[..]);
-        file.populate_until(&AtomicBool::new(true)).unwrap();
-        assert_eq!(file.bytes(), &before[..]);
     }
 
     #[test]

@@ -5,17 +5,18 @@
 use std::ffi::c_int;
 use std::os::raw::c_void;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
+use fastadapter_core::prefetch::{Prefetch, COLD_THREADS};
 use fastadapter_core::reader::{SafetensorsFile as CoreFile, TensorEntry};
 use fastadapter_core::select::KeySelector;
 use pyo3::exceptions::PyBufferError;
 use pyo3::ffi;
 use pyo3::prelude::*;
 
-use crate::errors::{detached, to_py};
+use crate::errors::{detached, panic_error, to_py};
 
 /// (name, dtype, shape, start, end): offsets are absolute byte positions in the file.
 type Record = (String, String, Vec<usize>, usize, usize);
@@ -39,17 +40,18 @@ pub struct SafetensorsFile {
     // buffer needs no mutable borrow of `inner`.
     base: usize,
     len: isize,
-    prefetch: Mutex<Option<Prefetch>>,
+    prefetch: Mutex<Option<Running>>,
 }
 
-struct Prefetch {
-    stop: Arc<AtomicBool>,
-    thread: JoinHandle<()>,
+struct Running {
+    state: Arc<Prefetch>,
+    thread: JoinHandle<fastadapter_core::Result<()>>,
 }
 
 impl Drop for SafetensorsFile {
     /// A prefetch still running for a file nobody holds any more (e.g. a load that failed) is told to
-    /// stop; its thread keeps the mapping until it has, and is not waited for here.
+    /// stop, even one reading from disk; its thread keeps the mapping until it has, and is not waited
+    /// for here.
     fn drop(&mut self) {
         let prefetch = self
             .prefetch
@@ -57,7 +59,7 @@ impl Drop for SafetensorsFile {
             .unwrap_or_else(|p| p.into_inner())
             .take();
         if let Some(p) = prefetch {
-            p.stop.store(true, Ordering::Relaxed);
+            p.state.abandon.store(true, Ordering::Relaxed);
         }
     }
 }
@@ -76,43 +78,50 @@ impl SafetensorsFile {
         })
     }
 
-    /// Start mapping the file's pages in on a background thread (`populate_until` in the core), so that
-    /// the caller's own work overlaps it; `stop_prefetch` ends it. Advisory: pages it does not reach,
-    /// or all of them if it fails, are faulted in on first use as usual. Does nothing while one runs.
+    /// Start bringing the file's pages in on a background thread (`prefetch` in the core: one thread
+    /// mapping them in while they are all in the page cache; 4 reading at once when some are not), so
+    /// that the caller's own work overlaps it; `stop_prefetch` ends it. Pages it does not reach
+    /// are faulted in on first use as usual. Does nothing while one runs.
     fn prefetch(&self) {
         let mut slot = self.prefetch.lock().unwrap_or_else(|p| p.into_inner());
         if slot.is_some() {
             return;
         }
         let file = Arc::clone(&self.inner);
-        let stop = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&stop);
+        let state = Arc::new(Prefetch::new());
+        let shared = Arc::clone(&state);
         *slot = std::thread::Builder::new()
             .name("fastadapter-prefetch".into())
-            .spawn(move || {
-                let _ = file.populate_until(&flag);
-            })
+            .spawn(move || file.prefetch(COLD_THREADS, &shared))
             .ok()
-            .map(|thread| Prefetch { stop, thread });
+            .map(|thread| Running { state, thread });
     }
 
-    /// Stop a prefetch started by `prefetch` after the step in progress (at most 4 MiB) and wait for its
-    /// thread; returns at once if none runs. `wait=True` lets it finish the whole file first.
+    /// End a prefetch started by `prefetch` and wait for its thread; returns at once if none runs.
+    /// While the pages are in the page cache it stops after the 4 MiB piece in progress (`wait=True`:
+    /// once the whole file is mapped in); once it is reading from disk it always finishes, since the
+    /// caller is about to use those pages and faulting them in one by one is the slowest way to read
+    /// them. Returns whether it read from disk. An error of the prefetch (the file shrank under the
+    /// mapping, a disk error) is raised here as `OSError` naming the file.
     #[pyo3(signature = (wait=false))]
-    fn stop_prefetch(&self, py: Python<'_>, wait: bool) {
-        let prefetch = self
+    fn stop_prefetch(&self, py: Python<'_>, wait: bool) -> PyResult<bool> {
+        let running = self
             .prefetch
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take();
-        if let Some(Prefetch { stop, thread }) = prefetch {
-            if !wait {
-                stop.store(true, Ordering::Relaxed);
-            }
-            py.detach(|| {
-                let _ = thread.join();
-            });
+        let Some(Running { state, thread }) = running else {
+            return Ok(false);
+        };
+        if !wait {
+            state.stop.store(true, Ordering::Relaxed);
         }
+        let result = py.detach(|| thread.join());
+        match result {
+            Ok(done) => done.map_err(to_py)?,
+            Err(payload) => return Err(panic_error(&*payload)),
+        }
+        Ok(state.is_cold())
     }
 
     #[getter]
