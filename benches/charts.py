@@ -22,7 +22,7 @@ import matplotlib.pyplot as plt
 
 from compare import CEILINGS, OURS, Result, load, machine_line
 
-JOBS = ("save", "load", "convert", "checkpoint", "save-cuda", "load-cuda", "h2d", "d2h")
+JOBS = ("save", "load", "convert", "checkpoint", "save-cuda", "load-cuda", "h2d", "d2h", "cold", "warm")
 OURS_COLOUR, PEER_COLOUR, CEILING_COLOUR = "#1f77b4", "#bbbbbb", "#2ca02c"
 
 
