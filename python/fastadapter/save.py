@@ -201,15 +201,9 @@ def _unsharded(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Sharded adapter weights (DTensors: FSDP2, tensor parallel) as the full tensors PEFT saves for the
     unsharded model. Gathering is a collective, so every rank does it, main process or not; only the
     adapter is gathered (small next to the model), never the base model."""
-    import sys
+    from ._sharded import full_tensors
 
-    tensor_module = sys.modules.get("torch.distributed.tensor")
-    if tensor_module is None:  # never imported: no DTensor can exist
-        return weights
-    dtensor = tensor_module.DTensor
-    if not any(isinstance(t, dtensor) for t in weights.values()):
-        return weights
-    return {k: t.full_tensor() if isinstance(t, dtensor) else t for k, t in weights.items()}
+    return full_tensors(weights)
 
 
 def _with_base(config: Any, base: str | None) -> Any:

@@ -2,7 +2,8 @@
 model goes into the sharded model's adapter of that name (PeftModel, transformers' integration,
 fastadapter's own layers); every rank's local shard equals torch's own sharding of the file's tensor
 (`distribute_tensor`), including uneven and empty shards, and the sharded model's logits equal the
-unsharded PeftModel's with that adapter. A new adapter name is refused before the model changes."""
+unsharded PeftModel's with that adapter; `fastadapter.save` on every rank writes the file back byte for
+byte. A new adapter name is refused before the model changes."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from _dist import run_ranks
 from peft import PeftModel
 from safetensors.torch import load_file
@@ -19,7 +21,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 
 import fastadapter
 from fastadapter.errors import UnsupportedAdapterError
-from helpers import lora_config, make_peft, tiny_llama, token_ids
+from helpers import SAFETENSORS, lora_config, make_peft, tiny_llama, token_ids
 
 # r=5 splits 3/2 over 2 ranks (uneven); down_proj's rank 1 leaves rank 1 an empty lora_A shard.
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -60,7 +62,7 @@ def logits_of(adapter: Path, inputs: torch.Tensor) -> torch.Tensor:
 
 
 def load_into_sharded(rank: int, world: int, adapter: Path, second: Path) -> None:
-    tensors = load_file(adapter / "adapter_model.safetensors")
+    tensors = load_file(adapter / SAFETENSORS)
     inputs = token_ids()
     expected, expected_second = logits_of(adapter, inputs), logits_of(second, inputs)
     assert not torch.equal(expected, expected_second)
@@ -86,6 +88,12 @@ def load_into_sharded(rank: int, world: int, adapter: Path, second: Path) -> Non
         with torch.no_grad():
             logits = model(inputs).logits
         assert torch.equal(logits, expected), (host, (logits - expected).abs().max())
+
+        # Saved back from the shards (one gather of all of them), the file is the one PEFT wrote.
+        out = adapter.parent / f"saved-{host}"
+        fastadapter.save(model, out, is_main_process=rank == 0)
+        dist.barrier()
+        assert (out / SAFETENSORS).read_bytes() == (adapter / SAFETENSORS).read_bytes(), host
 
         # A new adapter cannot join a sharded model: refused before anything changes.
         before = [n for n, _ in model.named_parameters()]
