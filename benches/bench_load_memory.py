@@ -20,6 +20,10 @@ process maps is not counted.
   `PreTrainedModel` (as users call it). It keeps the LoRA weights in the base's dtype (bf16: half the
   bytes), where PEFT and fastadapter upcast them to fp32.
 
+`cold`: the same for fastadapter and peft_low_cpu_mem with the file's pages dropped from the page cache
+(`posix_fadvise(DONTNEED)`, by every worker after its first reading) before the loads: the file is then
+read from disk during the loads, by fastadapter's parallel prefetch, into the same shared page cache.
+
 Workers are forked from a forkserver that has imported torch, peft, transformers and fastadapter (no
 fork of a process that ran torch; no 6 s of imports per worker). Before its first reading each worker
 runs its contender once on a tiny adapter, so that lazy imports and the copy-on-write of the server's
@@ -47,7 +51,7 @@ from torch import nn
 
 import bench_load
 import fastadapter
-from conftest import QUICK, Adapter, bench_body, build_peft_model, transformers_base
+from conftest import QUICK, SAFETENSORS_NAME, Adapter, bench_body, build_peft_model, transformers_base
 
 CONTENDERS = (
     "fastadapter",
@@ -57,6 +61,8 @@ CONTENDERS = (
     "transformers_load_adapter",
 )
 WORKERS = (1, 2) if QUICK else (1, 2, 4)
+# (contender, whether the file is dropped from the page cache before the loads)
+CASES = [(c, False) for c in CONTENDERS] + [(c, True) for c in ("fastadapter", "peft_low_cpu_mem")]
 WARMUP_SIZES = {"count": 4, "width": 64}  # the warm-up adapter: 4 x Linear(64), same config otherwise
 TIMEOUT_S = 300.0
 # The fields of /proc/self/smaps_rollup recorded (kB), growth reported in MB (1e6 bytes).
@@ -118,7 +124,15 @@ def load(contender: str, model: nn.Module, directory: str) -> tuple[nn.Module, l
     return model, bench_load.lora_weights(model)
 
 
-def worker(contender: str, directory: str, warmup: str, barrier: Any, results: Any) -> None:
+def evict(directory: str) -> None:
+    fd = os.open(os.path.join(directory, SAFETENSORS_NAME), os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def worker(contender: str, directory: str, warmup: str, barrier: Any, results: Any, cold: bool) -> None:
     try:
         torch.set_num_threads(1)  # the workers share the machine's cores; this is not a timing
         model, weights = load(contender, host(contender, warmup, **WARMUP_SIZES), warmup)
@@ -129,6 +143,8 @@ def worker(contender: str, directory: str, warmup: str, barrier: Any, results: A
         gc.collect()
         barrier.wait(TIMEOUT_S)  # everyone alive and built
         before = smaps_rollup()
+        if cold:
+            evict(directory)  # nobody maps it yet: its pages leave the page cache
         barrier.wait(TIMEOUT_S)  # everyone has read: no other worker's load moves this one's first reading
         model, weights = load(contender, model, directory)
         bench_load.touch(weights)
@@ -161,12 +177,14 @@ def forkserver() -> Any:
     return ctx
 
 
-def run_workers(contender: str, directory: Path, warmup: Path, workers: int) -> list[dict[str, Any]]:
+def run_workers(
+    contender: str, directory: Path, warmup: Path, workers: int, cold: bool = False
+) -> list[dict[str, Any]]:
     ctx = forkserver()
     barrier = ctx.Barrier(workers)
     results = ctx.Queue()
     procs = [
-        ctx.Process(target=worker, args=(contender, str(directory), str(warmup), barrier, results))
+        ctx.Process(target=worker, args=(contender, str(directory), str(warmup), barrier, results, cold))
         for _ in range(workers)
     ]
     for p in procs:
@@ -186,19 +204,22 @@ def run_workers(contender: str, directory: Path, warmup: Path, workers: int) -> 
 
 @pytest.mark.parametrize("adapter", ["many"], indirect=True)
 @pytest.mark.parametrize("workers", WORKERS)
-@pytest.mark.parametrize("contender", CONTENDERS)
+@pytest.mark.parametrize(
+    ("contender", "cold"), CASES, ids=[c + ("-cold" if cold else "") for c, cold in CASES]
+)
 def test_load_memory(
-    benchmark: Any, adapter: Adapter, warmup_dir: Path, contender: str, workers: int
+    benchmark: Any, adapter: Adapter, warmup_dir: Path, contender: str, workers: int, cold: bool
 ) -> None:
     os.sync()  # the adapter file was just written: no writeback during the loads
-    out = run_workers(contender, adapter.reference_dir, warmup_dir, workers)
+    out = run_workers(contender, adapter.reference_dir, warmup_dir, workers, cold)
     assert all(r["tensors"] == adapter.tensors for r in out)
-    benchmark.group = f"load memory {adapter.name}"
+    benchmark.group = f"load memory {adapter.name}" + (" (file not in the page cache)" if cold else "")
     benchmark.extra_info.update(
         kind="memory",
         contender=contender,
         adapter=adapter.name,
         workers=workers,
+        cold=cold,
         bytes=adapter.nbytes,
         tensors=adapter.tensors,
         **{f"{k}_growth_mb": [r[k] for r in out] for k in FIELDS.values()},

@@ -1,7 +1,8 @@
 """Serving many adapters: per-load time as adapters accumulate, set_adapter vs the number loaded, hotswap
-against PEFT's and against reading the file, cold loads against the disk.
+against PEFT's and against reading the file. Cold loads (file not in the page cache) are in
+bench_cold.py, the memory of several serving processes in bench_load_memory.py (both under `make bench`).
 
-Usage: flock /tmp/fastadapter-bench.lock python benches/bench_serving.py [loads|switch|hotswap|cold ...]
+Usage: flock /tmp/fastadapter-bench.lock python benches/bench_serving.py [loads|switch|hotswap ...]
 Prints one table per job and writes .benchmarks/serving.json. Ratios within one run are what count.
 
 The model: a 16-layer, hidden-1024 Llama (bf16, built on the meta device then `to_empty`: no init cost);
@@ -14,8 +15,6 @@ each adapter r=16 on q/k/v/o (8 MB in fp32), written once with random weights.
   `PeftModel.set_adapter` as the peer.
 - hotswap: `fastadapter.hotswap` vs PEFT's `hotswap_adapter` on a PeftModel (same file, warm cache), and
   the floor: map the file and read every byte once.
-- cold: the page cache dropped for the file before each round (os.sync + posix_fadvise(DONTNEED), and
-  /proc/sys/vm/drop_caches where writable), then a load until every weight is resident.
 """
 
 from __future__ import annotations
