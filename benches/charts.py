@@ -2,11 +2,12 @@
 
 Usage: python benches/charts.py .benchmarks/latest.json [OUT_DIR]   (default OUT_DIR: docs/benchmarks)
 
-One PNG per job (save, load, convert, checkpoint, and the GPU jobs when the run has them). Each of the
-job's benchmark groups (an adapter in a setting: `save llama (new_dir)`, ...) is one panel: a bar per
-contender, the median time of its pooled rounds, fastadapter first, the peers after it, the ceiling
-last and hatched; each bar is labelled with its time and its ratio to fastadapter's. The time axis is
-shared by the panels of one row, so a row compares settings of one adapter on one scale.
+One PNG per job (save, sharded, load, convert, checkpoint, and any other job the run has: the first
+word of a group names its job). Each of the job's benchmark groups (an adapter in a setting: `save llama
+(new_dir)`, ...) is one panel: a bar per contender, the median time of its pooled rounds, fastadapter
+first, the peers after it, the ceilings last and hatched; each bar is labelled with its time and its
+ratio to fastadapter's. The time axis is shared by the panels of one row, so a row compares settings of
+one adapter on one scale.
 """
 
 from __future__ import annotations
@@ -22,14 +23,14 @@ import matplotlib.pyplot as plt
 
 from compare import CEILINGS, OURS, Result, load, machine_line
 
-JOBS = ("save", "load", "convert", "checkpoint", "save-cuda", "load-cuda", "h2d", "d2h", "cold", "warm")
 OURS_COLOUR, PEER_COLOUR, CEILING_COLOUR = "#1f77b4", "#bbbbbb", "#2ca02c"
 
 
 def job_of(group: str) -> str:
-    """`save llama (new_dir)` -> save; `load-cuda 1GB` -> load-cuda; the first word names the job."""
-    first = group.split()[0]
-    return first if first in JOBS else "other"
+    """The job a group belongs to is its first word: `save llama (new_dir)` -> save, `checkpoint sync
+    many (fsync)` -> checkpoint, `sharded ...` -> sharded, `load-cuda 1GB` -> load-cuda. Every job in
+    the JSON gets its chart, whichever benchmark files the run included."""
+    return group.split()[0].lower()
 
 
 def rows_of(groups: dict[str, list[Result]]) -> list[list[str]]:

@@ -17,15 +17,17 @@ from dataclasses import dataclass
 from typing import Any
 
 OURS = "fastadapter"
-# The ceilings: raw_write and the same write into preallocated extents (ext4 then skips a synchronous
-# flush) for saves; floor (map the file, read every tensor once) for loads; cp of the source bytes for
-# conversions; one copy from/to page-locked memory for host-device transfers (bench_cuda*); for
-# checkpoints, one memcpy of the saved bytes (the least an async save can stall), torch's copy of them,
-# and plain writes of the same bytes into the page cache; for distributed checkpoints, DCP's own cost
-# with a plugin that writes nothing (dcp_no_io); for cold loads (bench_cold.py), plain reads of the file
-# from disk (read_*), of which the fastest in the run is the target's reference.
+# The ceilings: raw_write, the same write into preallocated extents (ext4 then skips a synchronous
+# flush) and raw_pwritev (the same file in 1 MiB pwritev calls from the tensors' own memory) for saves;
+# floor (map the file, read every tensor once) for loads; cp of the source bytes for conversions; one
+# copy from/to page-locked memory for host-device transfers (bench_cuda*); for checkpoints, one memcpy
+# of the saved bytes (the least an async save can stall), torch's copy of them, and plain writes of the
+# same bytes into the page cache; for distributed checkpoints, DCP's own cost with a plugin that writes
+# nothing (dcp_no_io); for cold loads (bench_cold.py), plain reads of the file from disk (read_*), of
+# which the fastest in the run is the target's reference.
 CEILINGS = (
     "raw_write",
+    "raw_pwritev",
     "raw_write_shared",
     "raw_write_fallocate",
     "floor",
@@ -63,6 +65,7 @@ ORDER = (
     "fastadapter_dcp",
     "peft_patched",
     "peft",
+    "transformers",
     "peft_low_cpu_mem",
     "peft_gathered",
     "peft_load_adapter",
@@ -70,6 +73,7 @@ ORDER = (
     "safetensors",
     "torch_save",
     "raw_write",
+    "raw_pwritev",
     "raw_write_shared",
     "raw_write_fallocate",
     "floor",
