@@ -55,9 +55,10 @@ class SafetensorsFile:
         pattern: str | None = None,
         renames: Sequence[tuple[str, str]] | None = None,
     ) -> list[_Record]: ...
-    def prefetch(self) -> None:
+    def prefetch(self, only_cold: bool = False) -> None:
         """Start bringing the pages in on a background thread (one thread while they are in the page
-        cache, four reading at once when some are not); ``stop_prefetch`` ends it."""
+        cache, or none with ``only_cold``; four reading at once when some are not); ``stop_prefetch``
+        ends it."""
     def stop_prefetch(self, wait: bool = False) -> bool:
         """Join the prefetch: stopped after its current 4 MiB piece while the pages are cached (or,
         ``wait=True``, once every page is in), always run to the end once it reads from disk. Returns

@@ -5,8 +5,9 @@
 //! I/O). When every page is in the page cache, one thread maps the file in, in 4 MiB pieces in file order
 //! (`MADV_POPULATE_READ`: 537 MB in 25 ms, no copy), and a caller that is done may stop it at any piece,
 //! as before this module. When some page is not, the prefetch is *cold*: [`COLD_THREADS`] threads each
-//! take the next piece, so that several large reads are in flight at once, and it runs to the end
-//! (stopping early would leave the rest to single page faults, the slowest way to read a file).
+//! walk one consecutive stretch of the file, so that several large reads are in flight at once, and it
+//! runs to the end (stopping early would leave the rest to single page faults, the slowest way to read
+//! a file).
 //!
 //! Measured on the 2-core VM (virtio disk, read_ahead_kb 8192), 80 MB / 268 MB cold, medians of 5 / 3:
 //! 1 thread populating 53-58 / 131 ms, 2 threads 55 ms, 4 threads 61-64 / 133 ms, 8 threads 72-80 /
@@ -42,13 +43,25 @@ pub struct Prefetch {
     pub abandon: AtomicBool,
     /// A piece was found not resident: the prefetch runs to the end, on [`COLD_THREADS`] threads.
     pub cold: AtomicBool,
-    /// The next piece to claim.
+    /// Pieces taken so far, by all threads.
     next: AtomicUsize,
+    /// Do nothing when the file is in the page cache (for callers that read it with `pread`).
+    only_cold: bool,
 }
 
 impl Prefetch {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A prefetch that reads the file only if some of it is not in the page cache, and otherwise does
+    /// nothing: for callers that copy the bytes out with `pread` (no mapping to fault in) but gain from
+    /// the disk reads starting early, beside their own work.
+    pub fn only_cold() -> Self {
+        Self {
+            only_cold: true,
+            ..Self::default()
+        }
     }
 
     /// Whether the prefetch has gone cold (some of the file was not in the page cache).
@@ -72,27 +85,36 @@ pub fn prefetch(map: &[u8], path: &Path, threads: usize, state: &Prefetch) -> Re
     if !resident(map).map_err(|e| Error::io(path, e))? {
         state.cold.store(true, Ordering::Release);
     }
-    let work = || -> Result<()> {
-        loop {
+    // Pieces `range`, in order, each counted in `state.next`.
+    let walk = |range: std::ops::Range<usize>| -> Result<()> {
+        for i in range {
             if state.should_stop() {
                 return Ok(());
             }
-            let i = state.next.fetch_add(1, Ordering::Relaxed);
-            if i >= pieces {
-                return Ok(());
-            }
+            state.next.fetch_add(1, Ordering::Relaxed);
             if let Err(e) = populate(piece_of(map, i)) {
                 state.abandon.store(true, Ordering::Relaxed); // no point reading the rest
                 return Err(Error::io(path, e));
             }
         }
+        Ok(())
     };
     if !state.is_cold() {
-        return work();
+        return if state.only_cold {
+            Ok(())
+        } else {
+            walk(0..pieces)
+        };
     }
+    // One consecutive stretch of the file per thread: each thread's faults then look sequential to the
+    // kernel's read-ahead (pieces handed out in turn made every thread's reads look random, and were
+    // slower than one thread).
+    let per = pieces.div_ceil(threads.max(1));
     std::thread::scope(|s| {
-        let helpers: Vec<_> = (1..threads.max(1)).map(|_| s.spawn(work)).collect();
-        let mine = work();
+        let helpers: Vec<_> = (1..threads.max(1))
+            .map(|k| s.spawn(move || walk(k * per..((k + 1) * per).min(pieces))))
+            .collect();
+        let mine = walk(0..per.min(pieces));
         helpers.into_iter().fold(mine, |acc, h| {
             let theirs = h.join().unwrap_or_else(|p| std::panic::resume_unwind(p));
             acc.and(theirs)
@@ -250,6 +272,22 @@ mod tests {
             "stopped before the first piece"
         );
         assert_eq!(file.bytes(), &bytes[..]);
+    }
+
+    #[test]
+    fn only_cold_leaves_a_warm_file_alone() {
+        let (f, _) = file_of(2 * PIECE);
+        let file = SafetensorsFile::open(f.path()).unwrap();
+        let state = Prefetch::only_cold();
+        prefetch(file.bytes(), f.path(), COLD_THREADS, &state).unwrap();
+        assert!(!state.is_cold());
+        assert_eq!(state.next.load(Ordering::Relaxed), 0);
+        evict(&f);
+        let cold = !all_resident(file.bytes());
+        let state = Prefetch::only_cold();
+        prefetch(file.bytes(), f.path(), COLD_THREADS, &state).unwrap();
+        assert_eq!(state.is_cold(), cold);
+        assert!(all_resident(file.bytes()));
     }
 
     #[test]

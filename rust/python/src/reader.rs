@@ -81,14 +81,20 @@ impl SafetensorsFile {
     /// Start bringing the file's pages in on a background thread (`prefetch` in the core: one thread
     /// mapping them in while they are all in the page cache; 4 reading at once when some are not), so
     /// that the caller's own work overlaps it; `stop_prefetch` ends it. Pages it does not reach
-    /// are faulted in on first use as usual. Does nothing while one runs.
-    fn prefetch(&self) {
+    /// are faulted in on first use as usual. Does nothing while one runs. `only_cold`: nothing at all
+    /// when every page is in the page cache (for callers that `pread` the bytes instead of mapping them).
+    #[pyo3(signature = (only_cold=false))]
+    fn prefetch(&self, only_cold: bool) {
         let mut slot = self.prefetch.lock().unwrap_or_else(|p| p.into_inner());
         if slot.is_some() {
             return;
         }
         let file = Arc::clone(&self.inner);
-        let state = Arc::new(Prefetch::new());
+        let state = Arc::new(if only_cold {
+            Prefetch::only_cold()
+        } else {
+            Prefetch::new()
+        });
         let shared = Arc::clone(&state);
         *slot = std::thread::Builder::new()
             .name("fastadapter-prefetch".into())
