@@ -57,7 +57,7 @@ class SafetensorsFile:
     ) -> list[_Record]: ...
     def prefetch(self, only_cold: bool = False) -> None:
         """Start bringing the pages in on a background thread (one thread while they are in the page
-        cache, or none with ``only_cold``; four reading at once when some are not); ``stop_prefetch``
+        cache, or none with ``only_cold``; two reading at once when some are not); ``stop_prefetch``
         ends it."""
     def stop_prefetch(self, wait: bool = False) -> bool:
         """Join the prefetch: stopped after its current 4 MiB piece while the pages are cached (or,

@@ -9,16 +9,18 @@
 //! runs to the end (stopping early would leave the rest to single page faults, the slowest way to read
 //! a file).
 //!
-//! Measured on the 2-core VM (virtio disk, read_ahead_kb 8192), 80 MB / 268 MB cold, medians of 5 / 3:
-//! 1 thread populating 53-58 / 131 ms, 2 threads 55 ms, 4 threads 61-64 / 133 ms, 8 threads 72-80 /
-//! 160 ms; against plain reads of the same file: 1 buffered reader 51-97 / 240 ms, 4 buffered readers of
-//! separate ranges 69-70 / 155 ms, 4 `O_DIRECT` readers 75-94 / 271 ms. A `readahead`/`MADV_WILLNEED`
-//! hint before populating each piece made it slower (66-86 ms), and so did `pread` into a scratch buffer
-//! followed by populating (81-84 ms: one more copy). So populating is the read, and it must be the
-//! pages of the mapping itself: the page cache's pages, mapped shared, which is what keeps the memory of
-//! several processes loading the same adapter low. [`COLD_THREADS`] is 4, not the 1-2 that this VM likes
-//! best: on a disk with the usual 128 KiB read-ahead one thread's faults keep only one small read in
-//! flight, and 4 cost this VM at most 10%.
+//! Measured on the 2-core VM (virtio disk, read_ahead_kb 8192), reading the 80 MB / 268 MB adapters of
+//! bench_cold.py cold, medians of 7 / 5 in one run: populating in consecutive stretches on 1 thread
+//! 40 / 113 ms, 2 threads 45 / 116 ms, 4 threads 65 / 131 ms; the same 4 MiB pieces handed out in turn
+//! to 2 / 4 threads 49 / 117 and 76 / 271 ms (each thread's faults look random to read-ahead). Plain reads
+//! of the same files: 1 buffered reader 45 / 124-332 ms, 4 buffered readers of separate ranges 61 / 142
+//! ms, 4 `O_DIRECT` readers 70 / 254 ms. An earlier run on random files: a `readahead`/`MADV_WILLNEED`
+//! hint before populating each piece made it slower (66-86 ms for 80 MB against 53-58 ms), and so did
+//! `pread` into a scratch buffer followed by populating (81-84 ms: one more copy). So populating is the
+//! read, and it must be the pages of the mapping itself: the page cache's pages, mapped shared, which is
+//! what keeps the memory of several processes loading the same adapter low. [`COLD_THREADS`] is 2: as
+//! fast as one thread here, and on a disk with the usual 128 KiB read-ahead it keeps two reads in flight
+//! where one thread's faults keep one; 4 cost this VM 15-45%.
 //!
 //! `mincore` reports the page cache only for files the process could write (or owns); for others it
 //! reports a page as resident only once this process maps it, so a warm file of someone else's is read
@@ -32,7 +34,7 @@ use crate::error::{Error, Result};
 /// The unit of residency checks and of populating.
 pub const PIECE: usize = 4 << 20;
 /// Threads that populate a file once it is found cold (see the module's measurements).
-pub const COLD_THREADS: usize = 4;
+pub const COLD_THREADS: usize = 2;
 
 /// Shared between a running prefetch and whoever started it.
 #[derive(Debug, Default)]

@@ -79,7 +79,7 @@ impl SafetensorsFile {
     }
 
     /// Start bringing the file's pages in on a background thread (`prefetch` in the core: one thread
-    /// mapping them in while they are all in the page cache; 4 reading at once when some are not), so
+    /// mapping them in while they are all in the page cache; 2 reading at once when some are not), so
     /// that the caller's own work overlaps it; `stop_prefetch` ends it. Pages it does not reach
     /// are faulted in on first use as usual. Does nothing while one runs. `only_cold`: nothing at all
     /// when every page is in the page cache (for callers that `pread` the bytes instead of mapping them).
