@@ -13,6 +13,7 @@ one adapter on one scale.
 from __future__ import annotations
 
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -23,14 +24,14 @@ import matplotlib.pyplot as plt
 
 from compare import CEILINGS, OURS, Result, load, machine_line
 
-OURS_COLOUR, PEER_COLOUR, CEILING_COLOUR = "#1f77b4", "#bbbbbb", "#2ca02c"
+OURS_COLOUR, OURS_VARIANT_COLOUR, PEER_COLOUR, CEILING_COLOUR = "#1f77b4", "#9ecae1", "#bbbbbb", "#2ca02c"
 
 
 def job_of(group: str) -> str:
     """The job a group belongs to is its first word: `save llama (new_dir)` -> save, `checkpoint sync
-    many (fsync)` -> checkpoint, `sharded ...` -> sharded, `load-cuda 1GB` -> load-cuda. Every job in
-    the JSON gets its chart, whichever benchmark files the run included."""
-    return group.split()[0].lower()
+    many (fsync)` -> checkpoint, `convert_2GiB_bf16` -> convert, `load-cuda 1GB` -> load-cuda. Every job
+    in the JSON gets its chart, whichever benchmark files the run included."""
+    return re.split(r"[\s_]", group, maxsplit=1)[0].lower()
 
 
 def rows_of(groups: dict[str, list[Result]]) -> list[list[str]]:
@@ -44,6 +45,8 @@ def rows_of(groups: dict[str, list[Result]]) -> list[list[str]]:
 def colour(contender: str) -> str:
     if contender == OURS:
         return OURS_COLOUR
+    if contender.startswith(OURS + "_"):  # fastadapter in another mode or host (sync, fsync, PEFT's layers)
+        return OURS_VARIANT_COLOUR
     return CEILING_COLOUR if contender in CEILINGS else PEER_COLOUR
 
 
@@ -72,7 +75,8 @@ def chart(job: str, groups: dict[str, list[Result]], subtitle: str, out: Path) -
     fig, axes = plt.subplots(
         len(rows),
         columns,
-        figsize=(4.6 * columns, 0.45 * _bars(groups) / len(rows) + 1.6 * len(rows) + 0.6),
+        # At least two columns' width: one would not fit the title line.
+        figsize=(4.6 * max(columns, 2), 0.45 * _bars(groups) / len(rows) + 1.6 * len(rows) + 0.6),
         squeeze=False,
     )
     for i, row in enumerate(rows):
@@ -84,7 +88,11 @@ def chart(job: str, groups: dict[str, list[Result]], subtitle: str, out: Path) -
             panel(ax, row[j], groups[row[j]])
             if j > 0:
                 ax.sharex(axes[i][0])
-    fig.suptitle(f"{job}: fastadapter (blue), peers (grey), ceiling (green, hatched)\n{subtitle}", fontsize=9)
+    fig.suptitle(
+        f"{job}: fastadapter (blue; its other modes light blue), peers (grey), ceilings (green, hatched)"
+        f"\n{subtitle.replace('; run ', chr(10) + 'run ')}",  # the run's date on its own line: narrow charts
+        fontsize=9,
+    )
     fig.tight_layout()
     path = out / f"{job}.png"
     fig.savefig(path, dpi=110)
