@@ -368,3 +368,41 @@ def test_cuda_save_is_byte_identical_to_peft(tmp_path: Path) -> None:
     fastadapter.save(model, tmp_path / "ours")
     assert_same_files(tmp_path / "ours", tmp_path / "peft")
     assert importlib.import_module("fastadapter.save")._SNAPSHOT_BUFFER.pinned
+
+
+# --- synchronous saves, written straight from the tensors ------------------------------------------
+
+
+@pytest.mark.parametrize("fsync", [False, True])
+def test_sync_save_from_the_tensors_equals_the_snapshot_path(tmp_path: Path, fsync: bool) -> None:
+    # async_save=False with host tensors skips the snapshot buffer: its files must be the async
+    # (snapshot) path's, byte for byte, shards, index and metadata included.
+    g = torch.Generator().manual_seed(0)
+    state = {f"layer.{i}.weight": torch.randn(64, 40 + i, generator=g) for i in range(12)}
+    state["half"] = torch.randn(8, 8, generator=g).to(torch.bfloat16)
+    state["strided"] = torch.randn(30, 20, generator=g).t()
+    with Checkpointer(tmp_path / "async", max_shard_size=40_000) as ck:
+        ck.save(5, state, extra={"x": 1}, files={"trainer_state.json": b"{}"})
+    sync = Checkpointer(tmp_path / "sync", async_save=False, fsync=fsync, max_shard_size=40_000, keep_last=2)
+    for step in (3, 4, 5, 5):  # the last one replaces step 5 in place
+        sync.save(step, state, extra={"x": 1}, files={"trainer_state.json": b"{}"})
+    assert sync.steps() == [4, 5]
+    ours, theirs = Path(sync.path(5)), Path(ck.path(5))
+    names = sorted(p.name for p in theirs.iterdir())
+    assert len([n for n in names if n.startswith("model-")]) > 1
+    assert sorted(p.name for p in ours.iterdir()) == names
+    for name in names:
+        assert (ours / name).read_bytes() == (theirs / name).read_bytes(), name
+    assert leftovers(tmp_path / "sync") == []
+
+
+def test_failed_sync_save_from_the_tensors_leaves_the_previous_checkpoint(tmp_path: Path) -> None:
+    ck = Checkpointer(tmp_path, async_save=False, keep_last=1, max_shard_size=8)
+    ck.save(1, {"w": torch.ones(2)})
+    # The second shard's dtype has no safetensors name: the first shard is already in the staging
+    # directory when the save fails.
+    with pytest.raises(ValueError, match="complex128"):
+        ck.save(2, {"a": torch.ones(2), "w": torch.ones(2, dtype=torch.complex128)})
+    assert ck.steps() == [1]
+    assert torch.equal(ck.load(1)["w"], torch.ones(2))
+    assert leftovers(tmp_path) == []
