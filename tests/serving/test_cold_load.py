@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import fastadapter
-from fastadapter import _read
+from fastadapter import _hotswap, _read
 from fastadapter._core import SafetensorsFile
 from helpers import SAFETENSORS, model_state, perturb_trainable
 
@@ -191,3 +191,27 @@ def test_file_shrunk_during_a_load_fails_it_and_takes_the_adapter_out(
     assert str(path) in str(raised.value)
     assert {n for n, _ in model.named_parameters()} == names
     assert torch.equal(model(INPUT), before)
+
+
+def test_hotswap_of_a_file_shrunk_under_it_is_refused_with_the_model_unchanged(
+    adapter: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = adapter / SAFETENSORS
+    model = fastadapter.load(base(), saved(adapter.parent / "b", seed=2))
+    before = {k: v.clone() for k, v in lora_tensors(model).items()}
+    real = _hotswap._read
+
+    def shrinking(directory: str, name: str) -> Any:
+        incoming, stored = real(directory, name)
+        assert incoming.mapped is not None
+        incoming.mapped.stop_prefetch(wait=True)
+        os.truncate(path, 4096)
+        evict(path)
+        incoming.mapped.prefetch(only_cold=True)
+        return incoming, stored
+
+    monkeypatch.setattr("fastadapter._hotswap._read", shrinking)
+    with pytest.raises(OSError, match="Bad address") as raised:
+        fastadapter.hotswap(model, adapter)
+    assert str(path) in str(raised.value)
+    assert_same(lora_tensors(model), before)
