@@ -150,6 +150,24 @@ def test_load_adapter_onto_a_model_in_training_as_peft(tmp_path: Path, second_tr
     assert fastadapter.patch_report().routed[CALL_LOAD] == 1
 
 
+def test_load_adapter_resets_an_other_adapters_entry_left_in_training_as_peft(tmp_path: Path) -> None:
+    # PEFT's eval() reaches every module, also another adapter's dropout that was put in train mode by hand
+    # inside a container in eval mode (the fast path's plan does not list those entries).
+    first = saved(tmp_path, "first", lora_dropout=0.1)
+    second = saved(tmp_path, "second", seed=2)
+
+    def run() -> PeftModel:
+        model = PeftModel.from_pretrained(tiny_llama(seed=0), str(first))
+        model.base_model.model.model.layers[0].self_attn.q_proj.lora_dropout["default"].train()
+        model.load_adapter(str(second), "other")
+        return model
+
+    got, expected = both_ways(run)
+    assert_same_state(model_state(got), model_state(expected))
+    assert not got.base_model.model.model.layers[0].self_attn.q_proj.lora_dropout["default"].training
+    assert fastadapter.patch_report().routed[CALL_LOAD] == 1
+
+
 @pytest.mark.parametrize(
     "overrides",
     [

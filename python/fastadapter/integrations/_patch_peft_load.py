@@ -192,6 +192,14 @@ class _LoadAdapterHost(PeftHost):
         else:
             peft_model = self.peft_model
             set_training(peft_model, [peft_model, peft_model.base_model, *built.modules], False)
+            # The plan leaves out the other adapters' entries of a layer's containers (fastadapter.load's
+            # constant cost); PEFT's eval() reaches them too, so one set in train mode by hand is reset here.
+            for layer in built.layers:
+                for container in layer._modules.values():
+                    if isinstance(container, nn.ModuleDict):
+                        for entry in container._modules.values():
+                            if entry is not None and entry.training:
+                                entry.train(False)
 
 
 @_gc_paused
