@@ -11,7 +11,7 @@ previous round is freed first: pages a process still maps are not dropped.
 
 - `fastadapter`: `fastadapter.load(base, dir)` on the plain model, then every LoRA weight read once;
 - `fastadapter_hotswap`: `fastadapter.hotswap(model, dir)` into a model holding a copy of the adapter
-  (loaded, from another file, before the round);
+  (loaded from another file and its weights read once before the round, as an adapter in use);
 - `peft_low_cpu_mem`: `PeftModel.from_pretrained(base, dir, low_cpu_mem_usage=True)`, weights read once;
 - the ceilings, plain reads of the file into memory in 4 MiB requests: `read_sequential` (one buffered
   reader), `read_parallel` (4 buffered readers of separate quarters), `read_direct` (4 `O_DIRECT`
@@ -160,6 +160,9 @@ class Round:
             self.model = fastadapter.load(
                 bench_body(self.name, **SIZES[self.name]).to_empty(device="cpu"), self.other
             )
+            # In use, as on a server: its pages mapped, so dropping caches leaves them (otherwise the swap's
+            # copy-on-write of each weight page would first read the old adapter back from disk).
+            touch(lora_weights(self.model))
         elif not self.contender.startswith("read_") and self.contender != "floor":
             self.model = bench_body(self.name, **SIZES[self.name]).to_empty(device="cpu")
         if self.cold:
