@@ -221,7 +221,8 @@ def test_async_checkpoint_on_a_full_disk(small_fs: Path) -> None:
     e = failed.value
     assert e.errno == errno.ENOSPC, e
     assert e.filename is not None
-    assert Path(e.filename).name == "model.safetensors", e.filename
+    # The checkpoint's files are written in parallel: whichever finds the disk full first is named.
+    assert Path(e.filename).name in {"model.safetensors", "fastadapter_checkpoint.json"}, e.filename
     assert Path(e.filename).is_relative_to(small_fs / "run"), e.filename
     assert ck.steps() == [1], "no partial checkpoint 2, and keep_last=1 rotated nothing away"
     assert contents(small_fs / "run") == before
