@@ -28,6 +28,7 @@ class Incoming:
     where: str  # the file, for messages
     tensors: dict[str, torch.Tensor]
     mapped: SafetensorsFile | None  # the private mapping the tensors view (safetensors), or None
+    cold: bool = False  # some of the file was not in memory: its prefetch reads it from disk
 
     def ready(self) -> None:
         """The load is over: the prefetch of the mapping's pages ends (the tensors stay valid). One that
@@ -83,8 +84,8 @@ def read_weights(adapter_dir: str, name: str) -> Incoming:
         file = SafetensorsFile(path)
         records = file.select(prefix=PEFT_PREFIX, renames=renames(name))
         _check_all_selected(path, len(records), len(file), lambda: (e[0] for e in file.entries()))
-        file.prefetch()
-        return Incoming(path, mapped_tensors(file, records), file)
+        cold = file.prefetch()
+        return Incoming(path, mapped_tensors(file, records), file, cold)
     bin_path = os.path.join(adapter_dir, ADAPTER_WEIGHTS_BIN)
     if os.path.isfile(bin_path):
         loaded = read_bin(bin_path)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import gc
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -26,6 +27,7 @@ from ._inject import AUTOCAST_ADAPTER_DTYPE
 from ._read import read_file_tensors, read_weights
 from .errors import AdapterExistsError
 from .hosts import AdapterHost, Layers, host_for
+from .hosts.base import restore_trainability, trainability
 from .names import DEFAULT_ADAPTER
 
 if TYPE_CHECKING:
@@ -121,11 +123,23 @@ def _load(
         return model
     _refuse_new_adapter_if_sharded(model, adapter_name)
     incoming = read_weights(adapter_dir, adapter_name)
+    # A cold file is read from disk beside the building of the layers, so a read that fails is only
+    # known once the adapter is in: what the load changes besides adding it (activation, freezing,
+    # train/eval flags) is kept first, while the disk reads (that cost is hidden there, and a warm
+    # load does not pay it).
+    before = (host.active_adapters(), trainability(model)) if incoming.cold else None
     host.add_loaded(adapter_name, config, incoming, is_trainable=is_trainable, device=device, dtype=dtype)
     try:
         incoming.ready()
     except OSError:
-        host.delete_adapter(adapter_name)  # its weights are views of pages that cannot be read
+        with warnings.catch_warnings():  # PEFT's "adapter was active, now deleted": an undo, not news
+            warnings.simplefilter("ignore")
+            host.delete_adapter(adapter_name)  # its weights are views of pages that cannot be read
+        if before is not None:
+            active, flags = before
+            if active:
+                host.set_adapter(active[0] if len(active) == 1 else active)
+            restore_trainability(flags)
         raise
     return model
 

@@ -22,7 +22,7 @@ from torch import nn
 import fastadapter
 from fastadapter import _hotswap, _read
 from fastadapter._core import SafetensorsFile
-from helpers import SAFETENSORS, model_state, perturb_trainable
+from helpers import SAFETENSORS, assert_same_state, model_state, perturb_trainable
 
 WIDTH, LAYERS, RANK = 1024, 4, 256  # 4 x (A + B) x 256 x 1024 fp32 = 16.8 MB
 
@@ -167,7 +167,7 @@ def test_file_shrunk_during_a_load_fails_it_and_takes_the_adapter_out(
     """The file is cut after it was opened and checked: the prefetch meets the missing pages, and the load
     raises instead of handing out weights whose first read would kill the process (SIGBUS). The prefetch
     overlaps the building of the layers, so the adapter is in the model by then: it is deleted again, and
-    the model computes what it computed before (the base weights a load freezes stay frozen)."""
+    the model is left as it was (active adapter, requires_grad, train/eval flags, every tensor)."""
     path = adapter / SAFETENSORS
     real = _read.read_weights
 
@@ -176,7 +176,8 @@ def test_file_shrunk_during_a_load_fails_it_and_takes_the_adapter_out(
         assert incoming.mapped is not None
         incoming.mapped.stop_prefetch(wait=True)  # the load's own prefetch, finished before the cut
         os.truncate(path, 4096)
-        incoming.mapped.prefetch()
+        incoming.cold = incoming.mapped.prefetch()
+        assert incoming.cold
         return incoming
 
     monkeypatch.setattr("fastadapter.adapters.read_weights", shrinking)
@@ -184,12 +185,12 @@ def test_file_shrunk_during_a_load_fails_it_and_takes_the_adapter_out(
         model: nn.Module = PeftModel.from_pretrained(base(), str(saved(adapter.parent / "b", seed=2)))
     else:
         model = base()
-    before = model(INPUT)
-    names = {n for n, _ in model.named_parameters()}
+    model.train()  # the load's eval() and freezing must be undone too
+    before, state = model(INPUT), model_state(model)
     with pytest.raises(OSError, match="Bad address") as raised:
         fastadapter.load(model, adapter, adapter_name="cold")
     assert str(path) in str(raised.value)
-    assert {n for n, _ in model.named_parameters()} == names
+    assert_same_state(model_state(model), state)
     assert torch.equal(model(INPUT), before)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeAlias
 
 from ..errors import AdapterNotFoundError
 from ..names import DEFAULT_ADAPTER, PEFT_PREFIX
@@ -192,3 +192,20 @@ def rendered(write: Any, name: str) -> bytes:
         write(scratch)
         with open(os.path.join(scratch, name), "rb") as f:
             return f.read()
+
+
+# What a load changes besides the module tree (PEFT's injection, activation): train/eval flags and
+# requires_grad, kept to undo a load that fails after it changed the model.
+Trainability: TypeAlias = "tuple[list[tuple[nn.Module, bool]], list[tuple[nn.Parameter, bool]]]"
+
+
+def trainability(model: nn.Module) -> Trainability:
+    return [(m, m.training) for m in model.modules()], [(p, p.requires_grad) for p in model.parameters()]
+
+
+def restore_trainability(saved: Trainability) -> None:
+    modules, params = saved
+    for module, training in modules:
+        module.training = training
+    for param, requires_grad in params:
+        param.requires_grad_(requires_grad)

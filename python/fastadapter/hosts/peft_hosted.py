@@ -24,7 +24,7 @@ from .._inject import Plan, adapter_dtype, base_device, install, plan
 from .._peft_state import lora_state_dict_unless_customised
 from ..errors import MissingTensorError, TargetModuleError
 from ..names import PEFT_PREFIX
-from .base import AdapterHost
+from .base import AdapterHost, restore_trainability, trainability
 from .peft_layers import LayerFactory, TemplateMismatch
 
 if TYPE_CHECKING:
@@ -371,19 +371,3 @@ def set_training(root: nn.Module, modules: list[nn.Module], mode: bool) -> None:
             return
     for m in modules:
         m.__dict__["training"] = mode
-
-
-Trainability = tuple[list[tuple[nn.Module, bool]], list[tuple[nn.Parameter, bool]]]
-
-
-def trainability(model: nn.Module) -> Trainability:
-    """What PEFT's injection changes besides the module tree: train/eval flags and requires_grad."""
-    return [(m, m.training) for m in model.modules()], [(p, p.requires_grad) for p in model.parameters()]
-
-
-def restore_trainability(saved: Trainability) -> None:
-    modules, params = saved
-    for module, training in modules:
-        module.training = training
-    for param, requires_grad in params:
-        param.requires_grad_(requires_grad)

@@ -110,7 +110,7 @@ class TransformersHost(PeftLayersHost):
     ) -> None:
         """transformers' own `load_adapter`, checked first by fastadapter's planner: what the fast way does
         not cover is loaded exactly as transformers loads it (`device` and `dtype` are its own then)."""
-        from .peft_hosted import restore_trainability, trainability
+        from .base import restore_trainability, trainability
 
         plan(self.model, config, name, layer_types=lora_layer_types(), wrapper_types=wrapper_types())
         model: Any = self.model

@@ -84,8 +84,8 @@ impl Prefetch {
 pub fn prefetch(map: &[u8], path: &Path, threads: usize, state: &Prefetch) -> Result<()> {
     let pieces = map.len().div_ceil(PIECE);
     // Before the caller's stop is looked at: a stop must never hide that the file is not in memory.
-    if !resident(map).map_err(|e| Error::io(path, e))? {
-        state.cold.store(true, Ordering::Release);
+    if !state.is_cold() {
+        mark_if_cold(map, path, state)?;
     }
     // Pieces `range`, in order, each counted in `state.next`.
     let walk = |range: std::ops::Range<usize>| -> Result<()> {
@@ -122,6 +122,16 @@ pub fn prefetch(map: &[u8], path: &Path, threads: usize, state: &Prefetch) -> Re
             acc.and(theirs)
         })
     })
+}
+
+/// Ask the kernel whether every page of `map` is in memory and mark `state` cold if not: what a
+/// prefetch does first, for a caller that wants to know before the prefetch's thread starts (a load
+/// keeps what it needs to undo its changes only when the file is read from disk, where that cost hides).
+pub fn mark_if_cold(map: &[u8], path: &Path, state: &Prefetch) -> Result<bool> {
+    if !resident(map).map_err(|e| Error::io(path, e))? {
+        state.cold.store(true, Ordering::Release);
+    }
+    Ok(state.is_cold())
 }
 
 fn piece_of(map: &[u8], i: usize) -> &[u8] {

@@ -13,7 +13,7 @@ use memmap2::{MmapMut, MmapOptions};
 use safetensors::{Dtype, SafeTensorError, SafeTensors};
 
 use crate::error::{Error, IoContext, Result};
-use crate::prefetch::{prefetch, Prefetch};
+use crate::prefetch::{mark_if_cold, prefetch, Prefetch};
 
 /// One tensor of a file: where its bytes are, as absolute offsets into the file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -147,6 +147,11 @@ impl SafetensorsFile {
     /// (one thread while they are in the page cache, `threads` reading at once when they are not).
     pub fn prefetch(&self, threads: usize, state: &Prefetch) -> Result<()> {
         prefetch(&self.map, &self.path, threads, state)
+    }
+
+    /// Whether some of the file is not in memory (marking `state` cold): see [`mark_if_cold`].
+    pub fn mark_if_cold(&self, state: &Prefetch) -> Result<bool> {
+        mark_if_cold(&self.map, &self.path, state)
     }
 
     pub fn entry(&self, name: &str) -> Result<&TensorEntry> {

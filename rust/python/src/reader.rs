@@ -83,11 +83,13 @@ impl SafetensorsFile {
     /// that the caller's own work overlaps it; `stop_prefetch` ends it. Pages it does not reach
     /// are faulted in on first use as usual. Does nothing while one runs. `only_cold`: nothing at all
     /// when every page is in the page cache (for callers that `pread` the bytes instead of mapping them).
+    /// Returns whether the file was found cold (some page not in memory), asked of the kernel before
+    /// the thread starts (one `mincore`); a failed check is left to the thread to report.
     #[pyo3(signature = (only_cold=false))]
-    fn prefetch(&self, only_cold: bool) {
+    fn prefetch(&self, only_cold: bool) -> bool {
         let mut slot = self.prefetch.lock().unwrap_or_else(|p| p.into_inner());
-        if slot.is_some() {
-            return;
+        if let Some(running) = slot.as_ref() {
+            return running.state.is_cold();
         }
         let file = Arc::clone(&self.inner);
         let state = Arc::new(if only_cold {
@@ -95,12 +97,14 @@ impl SafetensorsFile {
         } else {
             Prefetch::new()
         });
+        let cold = file.mark_if_cold(&state).unwrap_or(false);
         let shared = Arc::clone(&state);
         *slot = std::thread::Builder::new()
             .name("fastadapter-prefetch".into())
             .spawn(move || file.prefetch(COLD_THREADS, &shared))
             .ok()
             .map(|thread| Running { state, thread });
+        cold
     }
 
     /// End a prefetch started by `prefetch` and wait for its thread; returns at once if none runs.
