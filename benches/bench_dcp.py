@@ -29,8 +29,8 @@ from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
+from _ranks import Ranks, schedule  # type: ignore[import-not-found]
 from conftest import QUICK
 
 WORLD = int(os.environ.get("FASTADAPTER_BENCH_DCP_WORLD", "2"))
@@ -192,40 +192,10 @@ def _pread_all(fd: int, into: memoryview, offset: int) -> None:
         into, offset = into[n:], offset + n
 
 
-class Ranks:
-    def __init__(self) -> None:
-        from _dist_port import free_port  # type: ignore[import-not-found]
-
-        ctx = mp.get_context("spawn")
-        self.conns = []
-        self.procs = []
-        port = free_port()
-        for rank in range(WORLD):
-            parent, child = ctx.Pipe()
-            p = ctx.Process(target=_worker, args=(rank, port, child), daemon=True)
-            p.start()
-            self.conns.append(parent)
-            self.procs.append(p)
-
-    def run(self, command: str, contender: str, path: str) -> None:
-        for c in self.conns:
-            c.send((command, contender, path))
-        replies = [c.recv() for c in self.conns]
-        errors = [r[1] for r in replies if r[0] != "ok"]
-        if errors:
-            raise RuntimeError(errors[0])
-
-    def stop(self) -> None:
-        for c in self.conns:
-            c.send(("stop", "", ""))
-        for p in self.procs:
-            p.join(60)
-
-
 @pytest.fixture(scope="module")
 def ranks() -> Iterator[tuple[Ranks, Path]]:
     root = Path(tempfile.mkdtemp(prefix="fastadapter-bench-dcp-"))
-    r = Ranks()
+    r = Ranks(_worker, WORLD)
     r.run("save", "fastadapter", str(root / "readme"))  # the checkpoint both readers load
     try:
         yield r, root
@@ -234,15 +204,10 @@ def ranks() -> Iterator[tuple[Ranks, Path]]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _schedule(contenders: tuple[str, ...]) -> list[tuple[int, str]]:
-    n = len(contenders)
-    return [(b, contenders[(b + i) % n]) for b in range(BLOCKS) for i in range(n)]
-
-
 @pytest.mark.parametrize(
     ("block", "contender"),
-    _schedule(SAVE_CONTENDERS),
-    ids=[f"b{b}-{c}" for b, c in _schedule(SAVE_CONTENDERS)],
+    schedule(SAVE_CONTENDERS, BLOCKS),
+    ids=[f"b{b}-{c}" for b, c in schedule(SAVE_CONTENDERS, BLOCKS)],
 )
 def test_dcp_save(benchmark: Any, ranks: tuple[Ranks, Path], block: int, contender: str) -> None:
     r, root = ranks
@@ -261,8 +226,8 @@ def test_dcp_save(benchmark: Any, ranks: tuple[Ranks, Path], block: int, contend
 
 @pytest.mark.parametrize(
     ("block", "contender"),
-    _schedule(LOAD_CONTENDERS),
-    ids=[f"b{b}-{c}" for b, c in _schedule(LOAD_CONTENDERS)],
+    schedule(LOAD_CONTENDERS, BLOCKS),
+    ids=[f"b{b}-{c}" for b, c in schedule(LOAD_CONTENDERS, BLOCKS)],
 )
 def test_dcp_load(benchmark: Any, ranks: tuple[Ranks, Path], block: int, contender: str) -> None:
     r, root = ranks

@@ -27,8 +27,8 @@ from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
+from _ranks import Ranks, schedule  # type: ignore[import-not-found]
 from conftest import LLAMA_TARGETS, QUICK
 
 WORLD = int(os.environ.get("FASTADAPTER_BENCH_DCP_WORLD", "2"))
@@ -118,40 +118,10 @@ def _worker(rank: int, port: int, conn: Any) -> None:
     dist.destroy_process_group()
 
 
-class Ranks:
-    def __init__(self) -> None:
-        from _dist_port import free_port  # type: ignore[import-not-found]
-
-        ctx = mp.get_context("spawn")
-        self.conns, self.procs = [], []
-        port = free_port()
-        for rank in range(WORLD):
-            parent, child = ctx.Pipe()
-            p = ctx.Process(target=_worker, args=(rank, port, child), daemon=True)
-            p.start()
-            self.conns.append(parent)
-            self.procs.append(p)
-
-    def run(self, command: str, contender: str = "", path: str = "") -> Any:
-        for c in self.conns:
-            c.send((command, contender, path))
-        replies = [c.recv() for c in self.conns]
-        errors = [r[1] for r in replies if r[0] != "ok"]
-        if errors:
-            raise RuntimeError(errors[0])
-        return replies[0][1]
-
-    def stop(self) -> None:
-        for c in self.conns:
-            c.send(("stop", "", ""))
-        for p in self.procs:
-            p.join(60)
-
-
 @pytest.fixture(scope="module")
 def ranks() -> Iterator[tuple[Ranks, Path, tuple[int, int]]]:
     root = Path(tempfile.mkdtemp(prefix="fastadapter-bench-dcp-adapter-"))
-    r = Ranks()
+    r = Ranks(_worker, WORLD)
     try:
         yield r, root, r.run("nbytes")
     finally:
@@ -159,12 +129,11 @@ def ranks() -> Iterator[tuple[Ranks, Path, tuple[int, int]]]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-def _schedule() -> list[tuple[int, str]]:
-    n = len(CONTENDERS)
-    return [(b, CONTENDERS[(b + i) % n]) for b in range(BLOCKS) for i in range(n)]
-
-
-@pytest.mark.parametrize(("block", "contender"), _schedule(), ids=[f"b{b}-{c}" for b, c in _schedule()])
+@pytest.mark.parametrize(
+    ("block", "contender"),
+    schedule(CONTENDERS, BLOCKS),
+    ids=[f"b{b}-{c}" for b, c in schedule(CONTENDERS, BLOCKS)],
+)
 def test_fsdp2_adapter_save(
     benchmark: Any, ranks: tuple[Ranks, Path, tuple[int, int]], block: int, contender: str
 ) -> None:

@@ -126,7 +126,7 @@ def _worker(rank: int, port: int, root: str, queue: Any) -> None:
 
 
 def main() -> None:
-    from _dist_port import free_port
+    from _ranks import free_port
 
     root = tempfile.mkdtemp(prefix="fastadapter-profile-dcp-")
     ctx = mp.get_context("spawn")
