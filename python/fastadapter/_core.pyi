@@ -144,9 +144,12 @@ def publish_dir(staging: str | PathLike[str], target: str | PathLike[str], fsync
 def read_chunks(
     path: str | PathLike[str],
     chunks: Sequence[tuple[str, Buffer, int, int, Sequence[int], Sequence[int], Sequence[int]]],
+    replace_pages: bool = False,
 ) -> int:
     """Read each block (name, writable buffer, stored tensor's offset, item size, stored shape, block
-    offsets, block sizes) of `path` into its buffer with positional reads, GIL released."""
+    offsets, block sizes) of `path` into its buffer with positional reads, GIL released.
+    `replace_pages`: the buffers' whole pages are discarded first (views of a private file mapping:
+    fresh pages instead of copy-on-write faults)."""
 
 @final
 class CheckpointJob:

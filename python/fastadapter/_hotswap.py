@@ -140,7 +140,9 @@ def _swap(model: nn.Module, directory: str, adapter_name: str, *, as_peft: bool)
             for layer in layers.values():
                 reads.extend(_swap_layer(layer, staged, stored))
             if reads:
-                read_chunks(incoming.where, reads)
+                # The weights are usually views of the private mapping of the file they were loaded
+                # from: writing them page by page would copy each page first (copy-on-write).
+                read_chunks(incoming.where, reads, replace_pages=True)
             for existing, value in others:
                 existing.copy_(value)
         for path, layer in layers.items():

@@ -123,8 +123,16 @@ type PyReadChunk = (
 /// Read each block of `path` into its buffer with positional reads (GIL released): a block outside
 /// its tensor, or a buffer not exactly its size, is a `TensorError` before anything is read; buffers
 /// must be writable, C-contiguous and not overlap. Returns the bytes read.
+/// `replace_pages`: discard the destinations' whole pages first (see the core's `read_chunks`): for
+/// destinations that are views of a private file mapping.
 #[pyfunction]
-pub fn read_chunks(py: Python<'_>, path: PathBuf, chunks: Vec<PyReadChunk>) -> PyResult<u64> {
+#[pyo3(signature = (path, chunks, replace_pages=false))]
+pub fn read_chunks(
+    py: Python<'_>,
+    path: PathBuf,
+    chunks: Vec<PyReadChunk>,
+    replace_pages: bool,
+) -> PyResult<u64> {
     let mut spans: Vec<(usize, usize)> = Vec::with_capacity(chunks.len());
     for (name, buffer, ..) in &chunks {
         if buffer.readonly() || !buffer.is_c_contiguous() {
@@ -164,6 +172,6 @@ pub fn read_chunks(py: Python<'_>, path: PathBuf, chunks: Vec<PyReadChunk>) -> P
                 },
             )
             .collect();
-        core_read(&path, &mut plan)
+        core_read(&path, &mut plan, replace_pages)
     })
 }
