@@ -13,7 +13,7 @@ use memmap2::{MmapMut, MmapOptions};
 use safetensors::{Dtype, SafeTensorError, SafeTensors};
 
 use crate::error::{Error, IoContext, Result};
-use crate::prefetch::{mark_if_cold, prefetch, Prefetch};
+use crate::prefetch::{prefetch, sample_cold, Prefetch};
 
 /// One tensor of a file: where its bytes are, as absolute offsets into the file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -149,9 +149,9 @@ impl SafetensorsFile {
         prefetch(&self.map, &self.path, threads, state)
     }
 
-    /// Whether some of the file is not in memory (marking `state` cold): see [`mark_if_cold`].
-    pub fn mark_if_cold(&self, state: &Prefetch) -> Result<bool> {
-        mark_if_cold(&self.map, &self.path, state)
+    /// Whether a sample of the file is not in memory (marking `state` cold): see [`sample_cold`].
+    pub fn sample_cold(&self, state: &Prefetch) -> Result<bool> {
+        sample_cold(&self.map, &self.path, state)
     }
 
     pub fn entry(&self, name: &str) -> Result<&TensorEntry> {

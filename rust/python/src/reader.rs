@@ -83,8 +83,8 @@ impl SafetensorsFile {
     /// that the caller's own work overlaps it; `stop_prefetch` ends it. Pages it does not reach
     /// are faulted in on first use as usual. Does nothing while one runs. `only_cold`: nothing at all
     /// when every page is in the page cache (for callers that `pread` the bytes instead of mapping them).
-    /// Returns whether the file was found cold (some page not in memory), asked of the kernel before
-    /// the thread starts (one `mincore`); a failed check is left to the thread to report.
+    /// Returns whether the file was found cold (a sampled page not in memory: one `mincore` per 4 MiB),
+    /// asked of the kernel before the thread starts; a failed check is left to the thread to report.
     #[pyo3(signature = (only_cold=false))]
     fn prefetch(&self, only_cold: bool) -> bool {
         let mut slot = self.prefetch.lock().unwrap_or_else(|p| p.into_inner());
@@ -97,7 +97,7 @@ impl SafetensorsFile {
         } else {
             Prefetch::new()
         });
-        let cold = file.mark_if_cold(&state).unwrap_or(false);
+        let cold = file.sample_cold(&state).unwrap_or(false);
         let shared = Arc::clone(&state);
         *slot = std::thread::Builder::new()
             .name("fastadapter-prefetch".into())
