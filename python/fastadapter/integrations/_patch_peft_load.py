@@ -68,10 +68,12 @@ def check_new_lora(
         return refusal
     if config.exclude_modules:
         return "exclude_modules (PEFT warns when it excludes nothing)"
+    # Planning rebinds the config's PLAN_REWRITES fields (never changes their values in place): a shallow
+    # copy keeps the caller's config as it was if PEFT's own code ends up running.
     with warnings.catch_warnings(record=True) as warned:
         warnings.simplefilter("always")
         planned = plan(
-            model, copy.deepcopy(config), name, layer_types=lora_layer_types(), wrapper_types=wrapper_types()
+            model, copy.copy(config), name, layer_types=lora_layer_types(), wrapper_types=wrapper_types()
         )
     if not planned.first_injection:
         return "the model already holds LoRA layers"
