@@ -8,6 +8,7 @@ the old files were never touched.
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -47,6 +48,13 @@ class StagedByCallback:
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
             self._dir = None
+
+
+def hidden_temp_path(directory: str, name: str) -> str:
+    """`directory/.<name>.tmp-<pid>-<16 hex digits>`: where a file or directory called `name` is written
+    before it is renamed into place. The Rust core names its temp files and staging directories the same
+    way, and its stale-staging cleanup reads the pid from that name (a dead writer's leftovers go)."""
+    return os.path.join(directory, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(8)}")
 
 
 def _current_umask() -> int:

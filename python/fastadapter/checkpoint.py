@@ -27,7 +27,6 @@ import collections
 import json
 import os
 import re
-import secrets
 import shutil
 import warnings
 import weakref
@@ -37,6 +36,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from . import _core
+from ._fileset import hidden_temp_path
 from .names import ADAPTER_WEIGHTS, MODEL_WEIGHTS, SAFETENSORS_INDEX
 
 # torch (and so _snapshot) is imported when a Checkpointer is made, not here: `import fastadapter`
@@ -221,7 +221,7 @@ class Checkpointer:
         from ._tensors import write_records
 
         os.makedirs(self.root, exist_ok=True)
-        staging = os.path.join(self.root, f".checkpoint-{step}.tmp-{os.getpid()}-{secrets.token_hex(8)}")
+        staging = hidden_temp_path(self.root, os.path.basename(self.path(step)))
         os.mkdir(staging)
         try:
             for name, tensors, metadata in big:

@@ -25,7 +25,6 @@ import errno
 import io
 import json
 import os
-import secrets
 import shutil
 import threading
 import uuid
@@ -42,6 +41,7 @@ from torch.futures import Future
 
 from .. import _core
 from .._dtypes import TORCH_TO_SAFETENSORS
+from .._fileset import hidden_temp_path
 from ..errors import NotADirectoryPathError, SharedStorageError, TensorError
 from ..names import SAFETENSORS_INDEX
 from ._layout import Place, RankPlan, index_json, plan_files, tensors_of
@@ -225,7 +225,7 @@ class StorageWriter(_DcpStorageWriter):
         metadata = {"DCP_SHARDING_INFO": json.dumps(sharding), "DCP_VERSION": "1.0", "format": "pt"}
         specs = [(item.index.fqn, _dtype(item), list(t.shape), t.nbytes) for item, t in items]
         header, offsets, _ = _core.plan_header(specs, metadata)
-        temp = os.path.join(self.path, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(8)}")
+        temp = hidden_temp_path(self.path, name)
         records = [
             (item.index.fqn, _bytes(t), offset, t.element_size(), list(t.shape), [0] * t.dim(), list(t.shape))
             for (item, t), offset in zip(items, offsets, strict=True)
@@ -371,7 +371,7 @@ def _make_staging(path: str) -> str:
     parent, name = os.path.split(target)
     os.makedirs(parent, exist_ok=True)
     _remove_stale_staging(parent, name)
-    staging = os.path.join(parent, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(8)}")
+    staging = hidden_temp_path(parent, name)
     os.mkdir(staging)
     return staging
 
