@@ -3,11 +3,42 @@ lockstep, and the interleaved block schedule they time contenders in."""
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch.multiprocessing as mp
+
+
+def join(rank: int, port: int, world: int) -> None:
+    """Join the gloo group as `rank` of `world`, with one torch thread (the ranks share the cores)."""
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(600)
+    )
+
+
+def sharded_state(world: int, tensors: int, rows: int, cols: int) -> tuple[dict[str, Any], Any]:
+    """`tensors` seeded fp32 (rows, cols) tensors sharded Shard(0) over a 1-D mesh of the group (the same on
+    every run), and this rank's bytes of them in one contiguous tensor (what a ceiling writes)."""
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world,))
+    g = torch.Generator().manual_seed(0)
+    state = {
+        f"layers.{i}.weight": distribute_tensor(torch.randn(rows, cols, generator=g), mesh, [Shard(0)])
+        for i in range(tensors)
+    }
+    return state, torch.cat([t.to_local().reshape(-1) for t in state.values()])
 
 
 def free_port() -> int:
@@ -55,3 +86,16 @@ def schedule(contenders: tuple[str, ...], blocks: int) -> list[tuple[int, str]]:
     a slow phase of the shared machine lands on all of them."""
     n = len(contenders)
     return [(b, contenders[(b + i) % n]) for b in range(blocks) for i in range(n)]
+
+
+def time_save(benchmark: Any, ranks: Ranks, contender: str, out: Path, rounds: int) -> None:
+    """Time the ranks' `save` of `contender` into `out`, each round into a new directory (the previous
+    one removed untimed, after which `os.sync()`: no writeback in flight)."""
+
+    def fresh() -> None:
+        shutil.rmtree(out, ignore_errors=True)
+        os.sync()
+
+    benchmark.pedantic(
+        lambda: ranks.run("save", contender, str(out)), setup=fresh, rounds=rounds, warmup_rounds=1
+    )

@@ -23,14 +23,13 @@ import shutil
 import tempfile
 import traceback
 from collections.abc import Iterator
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from _ranks import Ranks, schedule  # type: ignore[import-not-found]
+from _ranks import Ranks, join, schedule, sharded_state, time_save  # type: ignore[import-not-found]
 from conftest import QUICK
 
 WORLD = int(os.environ.get("FASTADAPTER_BENCH_DCP_WORLD", "2"))
@@ -89,27 +88,14 @@ def _worker(rank: int, port: int, conn: Any) -> None:
         HuggingFaceStorageReader,
         HuggingFaceStorageWriter,
     )
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor, zeros
+    from torch.distributed.tensor import Shard, zeros
 
     from fastadapter.dcp import StorageReader, StorageWriter
 
-    torch.set_num_threads(1)
     _NoIoWriter = _no_io_writer()
-    dist.init_process_group(
-        "gloo",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=rank,
-        world_size=WORLD,
-        timeout=timedelta(seconds=600),
-    )
-    mesh = init_device_mesh("cpu", (WORLD,))
-    g = torch.Generator().manual_seed(0)
-    state = {
-        f"layers.{i}.weight": distribute_tensor(torch.randn(ROWS, COLS, generator=g), mesh, [Shard(0)])
-        for i in range(TENSORS)
-    }
-    local = torch.cat([t.to_local().reshape(-1) for t in state.values()])
+    join(rank, port, WORLD)
+    state, local = sharded_state(WORLD, TENSORS, ROWS, COLS)
+    mesh = next(iter(state.values())).device_mesh
     target = {k: zeros((ROWS, COLS), device_mesh=mesh, placements=[Shard(0)]) for k in state}
 
     floor_buffer = torch.empty_like(local)
@@ -211,17 +197,9 @@ def ranks() -> Iterator[tuple[Ranks, Path]]:
 )
 def test_dcp_save(benchmark: Any, ranks: tuple[Ranks, Path], block: int, contender: str) -> None:
     r, root = ranks
-    out = root / f"save-{contender}"
-
-    def fresh() -> None:
-        shutil.rmtree(out, ignore_errors=True)
-        os.sync()
-
     benchmark.group = f"dcp save, {WORLD} gloo ranks, Shard(0){', fsync' if FSYNC else ''}"
     benchmark.extra_info.update(contender=contender, block=block, bytes=NBYTES, tensors=TENSORS)
-    benchmark.pedantic(
-        lambda: r.run("save", contender, str(out)), setup=fresh, rounds=ROUNDS, warmup_rounds=1
-    )
+    time_save(benchmark, r, contender, root / f"save-{contender}", ROUNDS)
 
 
 @pytest.mark.parametrize(

@@ -21,14 +21,13 @@ import shutil
 import tempfile
 import traceback
 from collections.abc import Iterator
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
-from _ranks import Ranks, schedule  # type: ignore[import-not-found]
+from _ranks import Ranks, join, schedule, time_save  # type: ignore[import-not-found]
 from conftest import LLAMA_TARGETS, QUICK
 
 WORLD = int(os.environ.get("FASTADAPTER_BENCH_DCP_WORLD", "2"))
@@ -75,10 +74,7 @@ def _worker(rank: int, port: int, conn: Any) -> None:
     import fastadapter
     from fastadapter.dcp import StorageWriter
 
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD, timeout=timedelta(600)
-    )
+    join(rank, port, WORLD)
     model = _sharded_peft_llama()
     lora = {k: v for k, v in model.state_dict().items() if "lora_" in k}
     local = torch.cat([t.to_local().reshape(-1) for t in lora.values()])
@@ -138,14 +134,6 @@ def test_fsdp2_adapter_save(
     benchmark: Any, ranks: tuple[Ranks, Path, tuple[int, int]], block: int, contender: str
 ) -> None:
     r, root, (nbytes, tensors) = ranks
-    out = root / f"save-{contender}"
-
-    def fresh() -> None:
-        shutil.rmtree(out, ignore_errors=True)
-        os.sync()
-
     benchmark.group = f"FSDP2 adapter save, {WORLD} gloo ranks"
     benchmark.extra_info.update(contender=contender, block=block, bytes=nbytes, tensors=tensors)
-    benchmark.pedantic(
-        lambda: r.run("save", contender, str(out)), setup=fresh, rounds=ROUNDS, warmup_rounds=1
-    )
+    time_save(benchmark, r, contender, root / f"save-{contender}", ROUNDS)

@@ -20,10 +20,8 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
-from datetime import timedelta
 from typing import Any
 
-import torch
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -39,23 +37,13 @@ ROWS = 4 * MIB
 def _worker(rank: int, port: int, root: str, queue: Any) -> None:
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import Shard, distribute_tensor
 
+    from _ranks import join, sharded_state  # type: ignore[import-not-found]
     from fastadapter import _core
     from fastadapter.dcp import StorageWriter, writer
 
-    torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD, timeout=timedelta(600)
-    )
-    mesh = init_device_mesh("cpu", (WORLD,))
-    g = torch.Generator().manual_seed(0)
-    state = {
-        f"layers.{i}.weight": distribute_tensor(torch.randn(ROWS, COLS, generator=g), mesh, [Shard(0)])
-        for i in range(TENSORS)
-    }
-    local = torch.cat([t.to_local().reshape(-1) for t in state.values()])
+    join(rank, port, WORLD)
+    state, local = sharded_state(WORLD, TENSORS, ROWS, COLS)
     events: dict[str, float] = {}
     start = [0.0]
 
