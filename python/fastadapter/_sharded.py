@@ -81,8 +81,7 @@ def _local_block(key: str, target: Any) -> tuple[torch.Tensor, tuple[slice, ...]
 def full_tensors(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """`weights` with every DTensor replaced by the full tensor: `full_tensor()`, a collective, so every
     rank calls it, with the same keys in the same order. (One `all_gather` of all row shards packed in a
-    padded buffer was tried instead: on 2 gloo ranks a save of an 80 MB adapter took 326 ms against 232
-    for PEFT's per-tensor gather in the same run; packing and reassembling copy the adapter twice more.)"""
+    padded buffer was slower on 2 ranks, README: packing and reassembling copy the adapter twice more.)"""
     dtensor = _dtensor_type()
     if dtensor is None or not any(isinstance(t, dtensor) for t in weights.values()):
         return weights

@@ -9,18 +9,12 @@
 //! runs to the end (stopping early would leave the rest to single page faults, the slowest way to read
 //! a file).
 //!
-//! Measured on the 2-core VM (virtio disk, read_ahead_kb 8192), reading the 80 MB / 268 MB adapters of
-//! bench_cold.py cold, medians of 7 / 5 in one run: populating in consecutive stretches on 1 thread
-//! 40 / 113 ms, 2 threads 45 / 116 ms, 4 threads 65 / 131 ms; the same 4 MiB pieces handed out in turn
-//! to 2 / 4 threads 49 / 117 and 76 / 271 ms (each thread's faults look random to read-ahead). Plain reads
-//! of the same files: 1 buffered reader 45 / 124-332 ms, 4 buffered readers of separate ranges 61 / 142
-//! ms, 4 `O_DIRECT` readers 70 / 254 ms. An earlier run on random files: a `readahead`/`MADV_WILLNEED`
-//! hint before populating each piece made it slower (66-86 ms for 80 MB against 53-58 ms), and so did
-//! `pread` into a scratch buffer followed by populating (81-84 ms: one more copy). So populating is the
-//! read, and it must be the pages of the mapping itself: the page cache's pages, mapped shared, which is
-//! what keeps the memory of several processes loading the same adapter low. [`COLD_THREADS`] is 2: as
-//! fast as one thread here, and on a disk with the usual 128 KiB read-ahead it keeps two reads in flight
-//! where one thread's faults keep one; 4 cost this VM 15-45%.
+//! Populating is the read (a read-ahead hint first, or `pread` into a scratch buffer, were slower), and
+//! it must fill the mapping's own pages: the page cache's, mapped shared, which keeps the memory of
+//! several processes loading the same adapter low. One consecutive stretch per thread, because pieces
+//! handed out in turn make each thread's faults look random to read-ahead. [`COLD_THREADS`] is 2: as
+//! fast as one thread on the CI VM, two reads in flight where a disk's read-ahead is small; 4 were
+//! slower. The measurements are in the README (Benchmarks, cold loads).
 //!
 //! `mincore` reports the page cache only for files the process could write (or owns); for others it
 //! reports a page as resident only once this process maps it, so a warm file of someone else's is read
@@ -127,7 +121,7 @@ pub fn prefetch(map: &[u8], path: &Path, threads: usize, state: &Prefetch) -> Re
 /// Mark `state` cold when a sample of `map` is not in memory: the first page of every 4 MiB piece (one
 /// `mincore` each, ~40 for 160 MB), for a caller that wants to know before the prefetch's thread starts
 /// (a load keeps what it needs to undo its changes only when the file is read from disk, where that
-/// cost hides). The whole mapping, page by page, costs ~3 ms on 160 MB: the prefetch's thread asks that,
+/// cost hides). The whole mapping, page by page, costs milliseconds: the prefetch's thread asks that,
 /// beside the caller's work. A file evicted in part may pass the sample; the thread still reads it.
 pub fn sample_cold(map: &[u8], path: &Path, state: &Prefetch) -> Result<bool> {
     let page = page_size();
