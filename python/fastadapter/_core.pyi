@@ -47,6 +47,9 @@ class SafetensorsFile:
     def metadata(self) -> dict[str, str]: ...
     @property
     def header_len(self) -> int: ...
+    @property
+    def header(self) -> bytes:
+        """The stored header (its 8-byte length and JSON)."""
     def __len__(self) -> int: ...
     def entries(self) -> list[_Record]: ...
     def select(
@@ -64,6 +67,10 @@ class SafetensorsFile:
         ``wait=True``, once every page is in), always run to the end once it reads from disk. Returns
         whether it read from disk; its error (file shrunk, disk error) is raised as ``OSError`` naming
         the file."""
+    def map_over(self, target: SafetensorsFile) -> None:
+        """Map this file over ``target``'s memory in place (same addresses, no copy), pages brought in;
+        ``target``'s header still describes its own file. ``ValueError`` / ``OSError`` naming this file
+        (another length, or no longer the file validated) with ``target`` unchanged."""
     def __buffer__(self, flags: int, /) -> memoryview: ...
 
 def select_keys(

@@ -200,18 +200,18 @@ def test_hotswap_of_a_file_shrunk_under_it_is_refused_with_the_model_unchanged(
     path = adapter / SAFETENSORS
     model = fastadapter.load(base(), saved(adapter.parent / "b", seed=2))
     before = {k: v.clone() for k, v in lora_tensors(model).items()}
-    real = _hotswap._read
+    real = _hotswap._open
 
     def shrinking(directory: str, name: str) -> Any:
-        incoming, stored = real(directory, name)
+        incoming = real(directory, name)
         assert incoming.mapped is not None
         incoming.mapped.stop_prefetch(wait=True)
         os.truncate(path, 4096)
         evict(path)
         incoming.mapped.prefetch(only_cold=True)
-        return incoming, stored
+        return incoming
 
-    monkeypatch.setattr("fastadapter._hotswap._read", shrinking)
+    monkeypatch.setattr("fastadapter._hotswap._open", shrinking)
     with pytest.raises(OSError, match="Bad address") as raised:
         fastadapter.hotswap(model, adapter)
     assert str(path) in str(raised.value)

@@ -250,12 +250,18 @@ def _whole(model: nn.Module) -> dict[str, Any]:
     return state
 
 
+@pytest.mark.parametrize("swapped_before", [False, True], ids=["first_swap", "after_a_swap"])
 @pytest.mark.parametrize("case", list(REFUSED))
 @pytest.mark.parametrize("host", HOSTS)
-def test_refused_file_leaves_the_model_unchanged(tmp_path: Path, host: str, case: str) -> None:
+def test_refused_file_leaves_the_model_unchanged(
+    tmp_path: Path, host: str, case: str, swapped_before: bool
+) -> None:
+    """Also after a good swap, whose plan the next swap may reuse: not for this file."""
     make_bad, error = REFUSED[case]
     first = saved_adapter(tmp_path, "first", "linear", seed=1)
     model = on_host(host, tiny_llama, first)
+    if swapped_before:
+        fastadapter.hotswap(model, saved_adapter(tmp_path, "good", "linear", seed=3))
     bad = make_bad(tmp_path)
     before = _whole(model)
     with pytest.raises(error):

@@ -135,6 +135,12 @@ pub fn sample_cold(map: &[u8], path: &Path, state: &Prefetch) -> Result<bool> {
     Ok(state.is_cold())
 }
 
+/// Whether every page of `map` (a whole mapping of the file `path`) is in memory: one `mincore` over the
+/// mapping, no I/O (tens of microseconds for an 8 MB adapter, a fraction of a millisecond for 268 MB).
+pub fn all_resident(map: &[u8], path: &Path) -> Result<bool> {
+    resident(map).map_err(|e| Error::io(path, e))
+}
+
 fn piece_of(map: &[u8], i: usize) -> &[u8] {
     &map[i * PIECE..((i + 1) * PIECE).min(map.len())]
 }
@@ -169,7 +175,7 @@ fn page_size() -> usize {
 
 /// Map `piece`'s pages in, read-only, reading them from disk if needed. Kernels before 5.14 lack the
 /// advice: then one byte per page is read instead (a page fault each, same result).
-fn populate(piece: &[u8]) -> std::io::Result<()> {
+pub(crate) fn populate(piece: &[u8]) -> std::io::Result<()> {
     #[cfg(target_os = "linux")]
     {
         // SAFETY: advice on pages inside one live mapping; POPULATE_READ never changes their contents.

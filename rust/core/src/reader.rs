@@ -7,13 +7,15 @@
 
 use std::collections::HashMap;
 use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use memmap2::{MmapMut, MmapOptions};
 use safetensors::{Dtype, SafeTensorError, SafeTensors};
 
 use crate::error::{Error, IoContext, Result};
-use crate::prefetch::{prefetch, sample_cold, Prefetch};
+use crate::prefetch::{all_resident, prefetch, sample_cold, Prefetch};
 
 /// One tensor of a file: where its bytes are, as absolute offsets into the file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,6 +33,8 @@ pub struct SafetensorsFile {
     // A private (copy-on-write) mapping: consumers may build writable tensors on it, and a write to one
     // never reaches the file on disk.
     map: MmapMut,
+    // (device, inode) of the file mapped, for `map_onto` to map the same file again; None for a copy.
+    identity: Option<(u64, u64)>,
     header_len: usize,
     metadata: Option<HashMap<String, String>>,
     entries: Vec<TensorEntry>,
@@ -41,7 +45,8 @@ impl SafetensorsFile {
     pub fn open(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let file = File::open(path).at(path)?;
-        let len = file.metadata().at(path)?.len();
+        let stat = file.metadata().at(path)?;
+        let len = stat.len();
         // Checked before mapping: an empty file cannot be mapped, and a short one is not a safetensors file.
         if len < 8 {
             return Err(Error::Format {
@@ -53,7 +58,9 @@ impl SafetensorsFile {
         // while it is mapped, touching the lost pages raises SIGBUS; that is the documented limit of
         // every mmap-based reader (safetensors, numpy.memmap) and is why the size is validated here.
         let map = unsafe { MmapOptions::new().map_copy(&file) }.at(path)?;
-        Self::from_map(path, map)
+        let mut out = Self::from_map(path, map)?;
+        out.identity = Some((stat.dev(), stat.ino()));
+        Ok(out)
     }
 
     /// Validate an in-memory copy of a file (fuzzing, tests); `path` only names it in errors.
@@ -111,6 +118,7 @@ impl SafetensorsFile {
             metadata: metadata.metadata().clone(),
             entries,
             map,
+            identity: None,
         })
     }
 
@@ -147,6 +155,60 @@ impl SafetensorsFile {
     /// (one thread while they are in the page cache, `threads` reading at once when they are not).
     pub fn prefetch(&self, threads: usize, state: &Prefetch) -> Result<()> {
         prefetch(&self.map, &self.path, threads, state)
+    }
+
+    /// Map this file over `len` bytes at `base`, privately and writable, as [`SafetensorsFile::open`] maps
+    /// it, in place of what was mapped there, and bring its pages in (`MADV_POPULATE_READ`): from then on
+    /// that memory reads this file, at the same addresses. This is how a hotswap replaces an adapter whose
+    /// weights are views of another file's mapping, laid out the same, without copying a byte. The file
+    /// is opened again by path and must be the same file (device, inode, length) as the one validated
+    /// here; otherwise nothing is mapped and the error names it.
+    ///
+    /// # Safety
+    /// `base..base + len` must be one private mapping that the caller owns and unmaps itself, page
+    /// aligned, that nothing borrows as a Rust reference during the call; `len` must be this file's length.
+    pub unsafe fn map_onto(&self, base: *mut u8, len: usize) -> Result<()> {
+        let changed = |reason: &str| Error::Header {
+            path: self.path.clone(),
+            reason: reason.to_owned(),
+        };
+        if len != self.map.len() {
+            return Err(changed("not the length of the mapping it would replace"));
+        }
+        let identity = self
+            .identity
+            .ok_or_else(|| changed("an in-memory copy cannot be mapped again"))?;
+        let file = File::open(&self.path).at(&self.path)?;
+        let stat = file.metadata().at(&self.path)?;
+        if (stat.dev(), stat.ino()) != identity || stat.len() != len as u64 {
+            return Err(changed(
+                "the file was replaced or resized after it was validated",
+            ));
+        }
+        // SAFETY: the caller guarantees [base, base + len) is a private mapping it owns; MAP_FIXED
+        // replaces its pages with this file's, so the range stays mapped and its owner's unmapping
+        // still covers it.
+        let mapped = unsafe {
+            libc::mmap(
+                base.cast(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_FIXED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if mapped == libc::MAP_FAILED {
+            return Err(Error::io(&self.path, std::io::Error::last_os_error()));
+        }
+        // SAFETY: the range was just mapped, `len` bytes, and nothing else borrows it (caller's contract).
+        let pages = unsafe { std::slice::from_raw_parts(base, len) };
+        crate::prefetch::populate(pages).map_err(|e| Error::io(&self.path, e))
+    }
+
+    /// Whether every page of the file is in memory (page cache or mapped here): see [`all_resident`].
+    pub fn all_resident(&self) -> Result<bool> {
+        all_resident(&self.map, &self.path)
     }
 
     /// Whether a sample of the file is not in memory (marking `state` cold): see [`sample_cold`].
@@ -230,6 +292,55 @@ mod tests {
         let msg = err.to_string();
         assert!(msg.contains(&f.path().display().to_string()), "{msg}");
         msg
+    }
+
+    fn filled(json: &str, byte: u8, data_len: usize) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(&(json.len() as u64).to_le_bytes()).unwrap();
+        f.write_all(json.as_bytes()).unwrap();
+        f.write_all(&vec![byte; data_len]).unwrap();
+        f
+    }
+
+    #[test]
+    fn map_onto_replaces_another_mapping_in_place_and_refuses_what_does_not_fit() {
+        let json = r#"{"a":{"dtype":"U8","shape":[10000],"data_offsets":[0,10000]}}"#;
+        let (old, new) = (filled(json, 1, 10_000), filled(json, 7, 10_000));
+        let mut held = SafetensorsFile::open(old.path()).unwrap();
+        let incoming = SafetensorsFile::open(new.path()).unwrap();
+        let (base, len) = held.raw_parts();
+        // SAFETY: `held`'s own private mapping, not borrowed during the call.
+        unsafe { incoming.map_onto(base, len) }.unwrap();
+        assert_eq!(held.tensor_bytes("a").unwrap(), &[7u8; 10_000][..]);
+        // Private: a write to the replaced memory reaches neither file.
+        // SAFETY: in bounds of the mapping, which nothing else borrows.
+        unsafe { *base.add(len - 1) = 9 };
+        assert_eq!(std::fs::read(new.path()).unwrap()[len - 1], 7);
+
+        let short = filled(
+            r#"{"a":{"dtype":"U8","shape":[10],"data_offsets":[0,10]}}"#,
+            3,
+            10,
+        );
+        let other = SafetensorsFile::open(short.path()).unwrap();
+        // SAFETY: as above; refused before anything is mapped.
+        let err = unsafe { other.map_onto(base, len) }
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("length") && err.contains(&short.path().display().to_string()),
+            "{err}"
+        );
+
+        let replaced = SafetensorsFile::open(new.path()).unwrap();
+        let newer = filled(json, 5, 10_000);
+        std::fs::rename(newer.path(), new.path()).unwrap(); // same path and length, another inode
+                                                            // SAFETY: as above; refused before anything is mapped.
+        let err = unsafe { replaced.map_onto(base, len) }
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("replaced or resized"), "{err}");
+        assert_eq!(held.tensor_bytes("a").unwrap()[0], 7);
     }
 
     #[test]

@@ -2,11 +2,12 @@
 //! `torch.frombuffer(f, dtype=torch.uint8)` gives one tensor over the whole mapping and every adapter
 //! weight can be a view of it (no copy; writes stay private to the process).
 
+use std::collections::HashMap;
 use std::ffi::c_int;
 use std::os::raw::c_void;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::thread::JoinHandle;
 
 use fastadapter_core::prefetch::{Prefetch, COLD_THREADS};
@@ -15,6 +16,7 @@ use fastadapter_core::select::KeySelector;
 use pyo3::exceptions::PyBufferError;
 use pyo3::ffi;
 use pyo3::prelude::*;
+use pyo3::types::PyBytes;
 
 use crate::errors::{detached, panic_error, to_py};
 
@@ -31,7 +33,7 @@ fn record(name: String, e: &TensorEntry) -> Record {
     )
 }
 
-#[pyclass(module = "fastadapter._core", frozen)]
+#[pyclass(module = "fastadapter._core", frozen, weakref)]
 pub struct SafetensorsFile {
     // Shared with the prefetch thread, which keeps the mapping alive until it is done even if this
     // object goes first.
@@ -82,7 +84,8 @@ impl SafetensorsFile {
     /// mapping them in while they are all in the page cache; 2 reading at once when some are not), so
     /// that the caller's own work overlaps it; `stop_prefetch` ends it. Pages it does not reach
     /// are faulted in on first use as usual. Does nothing while one runs. `only_cold`: nothing at all
-    /// when every page is in the page cache (for callers that `pread` the bytes instead of mapping them).
+    /// when every page is in the page cache (for callers that `pread` the bytes instead of mapping them),
+    /// asked of the kernel here, so that a warm file costs no thread.
     /// Returns whether the file was found cold (a sampled page not in memory: one `mincore` per 4 MiB),
     /// asked of the kernel before the thread starts; a failed check is left to the thread to report.
     #[pyo3(signature = (only_cold=false))]
@@ -90,6 +93,9 @@ impl SafetensorsFile {
         let mut slot = self.prefetch.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(running) = slot.as_ref() {
             return running.state.is_cold();
+        }
+        if only_cold && self.inner.all_resident().unwrap_or(false) {
+            return false;
         }
         let file = Arc::clone(&self.inner);
         let state = Arc::new(if only_cold {
@@ -134,6 +140,24 @@ impl SafetensorsFile {
         Ok(state.is_cold())
     }
 
+    /// Map this file over `target`'s memory, in place (the core's `map_onto`): every tensor viewing
+    /// `target` reads this file from then on, at the same addresses, with no byte copied; the pages are
+    /// brought in before it returns. Both files' prefetches end first (this one's reads from disk
+    /// finish). `target`'s header (`entries`, `path`) still describes the file it was opened on: for
+    /// files laid out alike (a hotswap checks it). `OSError` / `ValueError` naming this file when it is no
+    /// longer the file validated, or another length than `target`; then `target` is unchanged.
+    fn map_over(&self, py: Python<'_>, target: &SafetensorsFile) -> PyResult<()> {
+        self.stop_prefetch(py, true)?;
+        target.stop_prefetch(py, false)?;
+        let (base, len) = (target.base, target.len as usize);
+        let inner = Arc::clone(&self.inner);
+        // SAFETY: `target`'s mapping is its own private map_copy of `len` bytes at `base`, unmapped only
+        // when `target` is dropped (the caller holds it); its prefetch has ended, and nothing else
+        // borrows it as a Rust reference.
+        py.detach(|| unsafe { inner.map_onto(base as *mut u8, len) })
+            .map_err(to_py)
+    }
+
     #[getter]
     fn path(&self) -> PathBuf {
         self.inner.path().to_path_buf()
@@ -148,6 +172,13 @@ impl SafetensorsFile {
     #[getter]
     fn header_len(&self) -> usize {
         self.inner.header_len()
+    }
+
+    /// The header as stored (its 8-byte length and JSON): equal headers list the same tensors at the
+    /// same places, so a caller that selected from one need not select again from the other.
+    #[getter]
+    fn header<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.inner.bytes()[..self.inner.header_len()])
     }
 
     fn __len__(&self) -> usize {
@@ -172,8 +203,7 @@ impl SafetensorsFile {
         pattern: Option<&str>,
         renames: Option<Vec<(String, String)>>,
     ) -> PyResult<Vec<Record>> {
-        let selector =
-            KeySelector::new(prefix, pattern, &renames.unwrap_or_default()).map_err(to_py)?;
+        let selector = cached_selector(prefix, pattern, renames.unwrap_or_default())?;
         let selected = selector.apply(self.inner.entries()).map_err(to_py)?;
         Ok(selected.into_iter().map(|(n, e)| record(n, e)).collect())
     }
@@ -242,8 +272,7 @@ pub fn select_keys(
     pattern: Option<&str>,
     renames: Option<Vec<(String, String)>>,
 ) -> PyResult<Vec<(String, String)>> {
-    let selector =
-        KeySelector::new(prefix, pattern, &renames.unwrap_or_default()).map_err(to_py)?;
+    let selector = cached_selector(prefix, pattern, renames.unwrap_or_default())?;
     let selected = selector
         .apply_names(keys.iter().map(String::as_str))
         .map_err(to_py)?;
@@ -251,4 +280,31 @@ pub fn select_keys(
         .into_iter()
         .map(|(i, name)| (keys[i].clone(), name))
         .collect())
+}
+
+type SelectorKey = (Option<String>, Option<String>, Vec<(String, String)>);
+
+/// Selectors compiled before, by their arguments: compiling the renames' regexes took longer than
+/// selecting an adapter's keys with them, and a server selects with the same few again and again.
+/// Bounded: cleared when it reaches [`SELECTOR_CACHE`] entries (one per adapter name in use).
+static SELECTORS: LazyLock<Mutex<HashMap<SelectorKey, Arc<KeySelector>>>> =
+    LazyLock::new(Default::default);
+const SELECTOR_CACHE: usize = 256;
+
+fn cached_selector(
+    prefix: Option<String>,
+    pattern: Option<&str>,
+    renames: Vec<(String, String)>,
+) -> PyResult<Arc<KeySelector>> {
+    let key = (prefix, pattern.map(str::to_owned), renames);
+    let mut cache = SELECTORS.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(found) = cache.get(&key) {
+        return Ok(Arc::clone(found));
+    }
+    let selector = Arc::new(KeySelector::new(key.0.clone(), pattern, &key.2).map_err(to_py)?);
+    if cache.len() >= SELECTOR_CACHE {
+        cache.clear();
+    }
+    cache.insert(key, Arc::clone(&selector));
+    Ok(selector)
 }
