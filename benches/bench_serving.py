@@ -13,8 +13,10 @@ each adapter r=16 on q/k/v/o (8 MB in fp32), written once with random weights.
   own `load_adapter` on a PeftModel as the peer. Reported: the mean of the first and the last 10 loads.
 - switch: `set_adapter` alternating between two adapters, with 2 and with N loaded, per host; PEFT's
   `PeftModel.set_adapter` as the peer.
-- hotswap: `fastadapter.hotswap` vs PEFT's `hotswap_adapter` on a PeftModel (same file, warm cache), and
-  the floor: map the file and read every byte once.
+- hotswap: `fastadapter.hotswap` vs PEFT's `hotswap_adapter` on a PeftModel (same file, warm cache), per
+  host and per kind of weights (see `swap_model`), and two floors: read the file once (one `read()` into
+  a buffer), and the copy alone that a swap into weights of their own makes (`read_chunks` of every tensor
+  into its weight, planned beforehand).
 """
 
 from __future__ import annotations
@@ -182,25 +184,73 @@ def swap_with_peft(model: nn.Module, directory: Path, name: str = "x0") -> None:
     hotswap_adapter(model, str(directory), name, torch_device="cpu")
 
 
+def swap_model(host: str, dirs: list[Path]) -> tuple[nn.Module, str]:
+    """A model holding the adapter to swap, and its name. `peft`: a PeftModel whose adapter PEFT loaded
+    (weights in memory of their own: a swap copies into them); `peft_second`: a PeftModel whose second
+    adapter fastadapter loaded (views of the file's mapping, like the `transformers` and `fastadapter`
+    hosts: a file laid out alike is mapped over them in place)."""
+    if host == "peft_second":
+        model = first_loaded("peft", dirs[0])
+        fastadapter.load(model, dirs[3], "x1")
+        return model, "x1"
+    return first_loaded("peft" if host == "peft_hotswap_adapter" else host, dirs[0]), "x0"
+
+
+def copy_chunks(path: Path, model: nn.Module, name: str) -> list[Any]:
+    """`_core.read_chunks`' reads of every tensor of `path` into the adapter's weights: the copy a swap
+    into weights of their own makes, and nothing else."""
+    from fastadapter._core import SafetensorsFile
+
+    weights = dict(model.named_parameters())
+    chunks = []
+    for key, _, shape, start, _ in SafetensorsFile(str(path)).entries():
+        module, slot = key.removeprefix("base_model.model.").rsplit(".", 2)[0], key.split(".")[-2]
+        live = weights[f"base_model.model.{module}.{slot}.{name}.weight"]
+        chunks.append(
+            (key, live.detach().view(-1).view(torch.uint8).numpy().data, start, 4, shape, [0, 0], shape)
+        )
+    return chunks
+
+
+def copy_time(files: list[Path], model: nn.Module, name: str, rounds: int) -> float:
+    from fastadapter._core import read_chunks
+
+    chunks = [copy_chunks(f, model, name) for f in files]
+    return statistics.median(
+        timed(partial(read_chunks, str(files[i % 2]), chunks[i % 2])) for i in range(rounds)
+    )
+
+
+HOTSWAP_HOSTS = ("peft", "peft_second", "transformers", "fastadapter", "peft_hotswap_adapter")
+
+
 def bench_hotswap(dirs: list[Path], rounds: int = 20) -> dict[str, Any]:
     rows: dict[str, Any] = {}
     files = [d / "adapter_model.safetensors" for d in dirs[1:3]]
     buffer = bytearray(files[0].stat().st_size)
     floor = statistics.median(timed(lambda: read_once(files[i % 2], buffer)) for i in range(rounds))  # noqa: B023
     rows["floor_read_once"] = floor * 1e3
-    for host in ("peft", "transformers", "fastadapter", "peft_hotswap_adapter"):
-        model = first_loaded("peft" if host == "peft_hotswap_adapter" else host, dirs[0])
+    for host in HOTSWAP_HOSTS:
+        model, name = swap_model(host, dirs)
         swap = partial(swap_with_peft if host == "peft_hotswap_adapter" else fastadapter.hotswap, model)
-        swap(dirs[1], "x0")
-        t = statistics.median(timed(lambda: swap(dirs[1 + i % 2], "x0")) for i in range(rounds))  # noqa: B023
+        swap(dirs[1], name)
+        t = statistics.median(timed(lambda: swap(dirs[1 + i % 2], name)) for i in range(rounds))  # noqa: B023
         rows[host] = t * 1e3
-    for host in ("peft", "transformers", "fastadapter", "peft_hotswap_adapter"):
+        if host == "peft":
+            rows["floor_copy_into_weights"] = copy_time(files, model, name, rounds) * 1e3
+    for host in HOTSWAP_HOSTS:
         print(
             f"hotswap {host:20s} {rows[host]:8.2f} ms  /floor {rows[host] / rows['floor_read_once']:6.2f}  "
             f"peft_hotswap_adapter/this {rows['peft_hotswap_adapter'] / rows[host]:6.1f}",
             flush=True,
         )
     print(f"hotswap floor (read the file once)  {rows['floor_read_once']:8.2f} ms", flush=True)
+    copy = rows["floor_copy_into_weights"]
+    print(
+        f"hotswap copy into the weights only  {copy:8.2f} ms  (peft_hotswap_adapter / it "
+        f"{rows['peft_hotswap_adapter'] / copy:.1f})",
+        flush=True,
+    )
     return rows
 
 
