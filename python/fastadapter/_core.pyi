@@ -18,6 +18,7 @@ __all__ = [
     "convert_file",
     "copy_ranges",
     "inspect_torch",
+    "map_file_over",
     "plan_header",
     "publish_checkpoint",
     "publish_dir",
@@ -72,6 +73,11 @@ class SafetensorsFile:
         ``target``'s header still describes its own file. ``ValueError`` / ``OSError`` naming this file
         (another length, or no longer the file validated) with ``target`` unchanged."""
     def __buffer__(self, flags: int, /) -> memoryview: ...
+
+def map_file_over(path: str | PathLike[str], header: bytes, target: SafetensorsFile) -> None:
+    """``SafetensorsFile.map_over`` for the file at ``path``, when its length is ``target``'s and its
+    header is ``header`` byte for byte; ``ValueError`` / ``OSError`` naming it otherwise, ``target``
+    unchanged."""
 
 def select_keys(
     keys: Sequence[str],

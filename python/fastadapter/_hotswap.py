@@ -29,7 +29,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ._core import SafetensorsFile, read_chunks
+from ._core import SafetensorsFile, map_file_over, read_chunks
 from ._device_load import to_devices
 from ._inject import pattern_key
 from ._read import Incoming, _check_all_selected, read_weights, renames
@@ -102,11 +102,15 @@ def _swap(model: nn.Module, directory: str, adapter_name: str, *, as_peft: bool)
     new = host.new_config(directory, is_trainable=not old.inference_mode)
     check_compatible(old, new, directory)
     tuned = _tuned(host, root)
-    incoming = _open(directory, adapter_name)
+    found = layers_holding(tuned, adapter_name)
+    kept = cached_plan(tuned, adapter_name, old, found[0])
+    path = os.path.join(directory, ADAPTER_WEIGHTS)
+    if kept is not None and _stored(path) == kept.stored:
+        # Laid out as the file the plan was made for: its checks hold, nothing to parse or select.
+        swap, incoming = kept, Incoming(path, {}, None)
+    else:
+        swap, incoming = None, _open(directory, adapter_name)
     try:
-        found = layers_holding(tuned, adapter_name)
-        header = incoming.mapped.header if incoming.mapped is not None else None
-        swap = cached_plan(tuned, adapter_name, old, header, found[0])
         if swap is None:
             peft_names = frozenset(host.configs()) if as_peft else None
             records = _records(incoming, adapter_name)
@@ -120,10 +124,12 @@ def _swap(model: nn.Module, directory: str, adapter_name: str, *, as_peft: bool)
         # from the page cache (pread beside them fought them for the disk: 3.5x the read, not 1.2x), and
         # a read that failed (the file cut short under us) is raised before anything changes.
         incoming.ready()
+        # Weights that are views of the file they were loaded from, each where the new file has its own:
+        # the new file is mapped over the old one, in place (same addresses, no byte copied).
         mapping = swap.held_mapping()
-        if mapping is not None and incoming.mapped is not None and _same_length(mapping, incoming.mapped):
-            # The weights are views of the file they were loaded from, each where the new file has its
-            # own: the new file is mapped over the old one, in place (same addresses, no byte copied).
+        if mapping is not None and incoming.mapped is None and swap.stored is not None:
+            map_file_over(path, swap.stored[0], mapping)
+        elif mapping is not None and incoming.mapped is not None and _same_length(mapping, incoming.mapped):
             incoming.mapped.map_over(mapping)
         else:
             _write(swap, incoming.where, staged)
@@ -270,6 +276,23 @@ def _open(directory: str, name: str) -> Incoming:
     file = SafetensorsFile(path)
     file.prefetch(only_cold=True)
     return Incoming(path, {}, file)
+
+
+def _stored(path: str) -> tuple[bytes, int] | None:
+    """The header (8-byte length and JSON) and length of the safetensors file at `path`, read without
+    parsing; None when there is no such file or it is too short to have them."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        size = os.fstat(fd).st_size
+        prefix = os.pread(fd, 8, 0)
+        if len(prefix) < 8 or 8 + int.from_bytes(prefix, "little") > size:
+            return None
+        return prefix + os.pread(fd, int.from_bytes(prefix, "little"), 8), size
+    finally:
+        os.close(fd)
 
 
 def _records(incoming: Incoming, name: str) -> list[Record] | None:

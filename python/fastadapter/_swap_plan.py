@@ -77,7 +77,7 @@ class Plan:
     zeros: list[torch.Tensor]
     copies: list[tuple[torch.Tensor, torch.Tensor]]
     others: bool
-    header: bytes | None = None  # the file's, when the plan is kept
+    stored: tuple[bytes, int] | None = None  # the file's header and length, when the plan is kept
     guards: list[Guard] = field(default_factory=list)
     peft_checked_with: frozenset[str] | None = None
     # The mapping that every weight is a view of, each at its own offset in the file (`mapped_tensors`
@@ -104,11 +104,10 @@ class Plan:
                 raise UnsupportedAdapterError(f"adapter {name!r} is merged (PEFT raises its own error)")
             raise ValueError(f"adapter {name!r} is merged into the base weights: unmerge it before a hotswap")
 
-    def holds(self, config: Any, header: bytes | None, layers: dict[str, Any]) -> bool:
+    def holds(self, config: Any, layers: dict[str, Any]) -> bool:
         return (
-            header is not None
+            self.stored is not None
             and config is self.config
-            and header == self.header
             and layers == self.layers  # modules compare by identity
             and all(d.get(k) is v for d, k, v in self.guards)
         )
@@ -161,13 +160,11 @@ def _refuse_unlike_peft(
 _plans: weakref.WeakKeyDictionary[nn.Module, dict[str, Plan]] = weakref.WeakKeyDictionary()
 
 
-def cached_plan(
-    tuned: nn.Module, name: str, config: Any, header: bytes | None, layers: dict[str, Any]
-) -> Plan | None:
-    """The plan kept from the last swap of adapter `name` into `tuned`, if it holds for a file with
-    `header` (None: not a safetensors file) and the layers found now."""
+def cached_plan(tuned: nn.Module, name: str, config: Any, layers: dict[str, Any]) -> Plan | None:
+    """The plan kept from the last swap of adapter `name` into `tuned`, if it holds for the layers found
+    now; it holds for a file whose header and length are its `stored` ones."""
     plan = _plans.get(tuned, {}).get(name)
-    return plan if plan is not None and plan.holds(config, header, layers) else None
+    return plan if plan is not None and plan.holds(config, layers) else None
 
 
 def plan(
@@ -215,7 +212,7 @@ def plan(
         mapped=_one_mapping(placed) if not zeros and not copies else None,
     )
     if records is not None and incoming.mapped is not None and not copies:
-        out.header = incoming.mapped.header
+        out.stored = (incoming.mapped.header, memoryview(incoming.mapped).nbytes)
         out.guards = [g for x in layers.values() for g in _guards(x.module, name)]
         _plans.setdefault(tuned, {})[name] = out
     return out

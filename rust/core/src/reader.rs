@@ -146,6 +146,11 @@ impl SafetensorsFile {
         &self.map
     }
 
+    /// The header as stored: its 8-byte length and JSON.
+    pub fn header_bytes(&self) -> &[u8] {
+        &self.map[..self.header_len]
+    }
+
     /// Base address and length of the private mapping, for exporting it as a writable buffer.
     pub fn raw_parts(&mut self) -> (*mut u8, usize) {
         (self.map.as_mut_ptr(), self.map.len())
@@ -168,42 +173,25 @@ impl SafetensorsFile {
     /// `base..base + len` must be one private mapping that the caller owns and unmaps itself, page
     /// aligned, that nothing borrows as a Rust reference during the call; `len` must be this file's length.
     pub unsafe fn map_onto(&self, base: *mut u8, len: usize) -> Result<()> {
-        let changed = |reason: &str| Error::Header {
-            path: self.path.clone(),
-            reason: reason.to_owned(),
-        };
         if len != self.map.len() {
-            return Err(changed("not the length of the mapping it would replace"));
+            return Err(changed(
+                &self.path,
+                "not the length of the mapping it would replace",
+            ));
         }
         let identity = self
             .identity
-            .ok_or_else(|| changed("an in-memory copy cannot be mapped again"))?;
+            .ok_or_else(|| changed(&self.path, "an in-memory copy cannot be mapped again"))?;
         let file = File::open(&self.path).at(&self.path)?;
         let stat = file.metadata().at(&self.path)?;
         if (stat.dev(), stat.ino()) != identity || stat.len() != len as u64 {
             return Err(changed(
+                &self.path,
                 "the file was replaced or resized after it was validated",
             ));
         }
-        // SAFETY: the caller guarantees [base, base + len) is a private mapping it owns; MAP_FIXED
-        // replaces its pages with this file's, so the range stays mapped and its owner's unmapping
-        // still covers it.
-        let mapped = unsafe {
-            libc::mmap(
-                base.cast(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_FIXED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if mapped == libc::MAP_FAILED {
-            return Err(Error::io(&self.path, std::io::Error::last_os_error()));
-        }
-        // SAFETY: the range was just mapped, `len` bytes, and nothing else borrows it (caller's contract).
-        let pages = unsafe { std::slice::from_raw_parts(base, len) };
-        crate::prefetch::populate(pages).map_err(|e| Error::io(&self.path, e))
+        // SAFETY: forwarded from the caller.
+        unsafe { map_fixed(&file, &self.path, base, len) }
     }
 
     /// Whether every page of the file is in memory (page cache or mapped here): see [`all_resident`].
@@ -257,6 +245,66 @@ fn first_duplicate_key(header: &[u8]) -> Option<String> {
         .deserialize_map(Keys)
         .ok()
         .flatten()
+}
+
+/// [`SafetensorsFile::map_onto`] for a file not opened here: `path` is mapped when its length is `len` and
+/// its header is `header`, byte for byte (the stored length and JSON, as [`SafetensorsFile::header_bytes`]
+/// gives them for a file validated before: the same header and length pass the same validation). Saves
+/// a hotswap of a file laid out like the last one the header parse. Errors name `path`; then nothing
+/// is mapped.
+///
+/// # Safety
+/// As for [`SafetensorsFile::map_onto`].
+pub unsafe fn map_file_onto(path: &Path, header: &[u8], base: *mut u8, len: usize) -> Result<()> {
+    let file = File::open(path).at(path)?;
+    if file.metadata().at(path)?.len() != len as u64 {
+        return Err(changed(
+            path,
+            "not the length of the mapping it would replace",
+        ));
+    }
+    let mut stored = vec![0u8; header.len()];
+    rustix::io::pread(&file, &mut stored, 0)
+        .map_err(|e| Error::io(path, e.into()))
+        .and_then(|n| match n == header.len() && stored == header {
+            true => Ok(()),
+            false => Err(changed(path, "its header is not the one planned for")),
+        })?;
+    // SAFETY: forwarded from the caller.
+    unsafe { map_fixed(&file, path, base, len) }
+}
+
+fn changed(path: &Path, reason: &str) -> Error {
+    Error::Header {
+        path: path.to_path_buf(),
+        reason: reason.to_owned(),
+    }
+}
+
+/// Map `file` (`len` bytes) over `base..base + len` in place, then bring its pages in.
+///
+/// # Safety
+/// As for [`SafetensorsFile::map_onto`].
+unsafe fn map_fixed(file: &File, path: &Path, base: *mut u8, len: usize) -> Result<()> {
+    // SAFETY: the caller guarantees [base, base + len) is a private mapping it owns; MAP_FIXED replaces
+    // its pages with this file's, so the range stays mapped and its owner's unmapping still covers it.
+    // A failed MAP_FIXED leaves the old mapping in place on Linux 6.12 and later (the unmapping is undone).
+    let mapped = unsafe {
+        libc::mmap(
+            base.cast(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_FIXED,
+            file.as_raw_fd(),
+            0,
+        )
+    };
+    if mapped == libc::MAP_FAILED {
+        return Err(Error::io(path, std::io::Error::last_os_error()));
+    }
+    // SAFETY: the range was just mapped, `len` bytes, and nothing else borrows it (caller's contract).
+    let pages = unsafe { std::slice::from_raw_parts(base, len) };
+    crate::prefetch::populate(pages).map_err(|e| Error::io(path, e))
 }
 
 /// `bytes` copied into an anonymous mapping, so that in-memory input (fuzzing, tests) goes through the
@@ -341,6 +389,18 @@ mod tests {
             .to_string();
         assert!(err.contains("replaced or resized"), "{err}");
         assert_eq!(held.tensor_bytes("a").unwrap()[0], 7);
+
+        // By path, against a header validated before: mapped when it is the same, refused otherwise.
+        let header = incoming.header_bytes().to_vec();
+        // SAFETY: as above.
+        unsafe { map_file_onto(new.path(), &header, base, len) }.unwrap();
+        assert_eq!(held.tensor_bytes("a").unwrap()[0], 5);
+        let mut other_header = header.clone();
+        *other_header.last_mut().unwrap() ^= 1;
+        // SAFETY: as above; refused before anything is mapped.
+        let err = unsafe { map_file_onto(old.path(), &other_header, base, len) }.unwrap_err();
+        assert!(err.to_string().contains("header"), "{err}");
+        assert_eq!(held.tensor_bytes("a").unwrap()[0], 5);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::sync::{Arc, LazyLock, Mutex};
 use std::thread::JoinHandle;
 
 use fastadapter_core::prefetch::{Prefetch, COLD_THREADS};
-use fastadapter_core::reader::{SafetensorsFile as CoreFile, TensorEntry};
+use fastadapter_core::reader::{map_file_onto, SafetensorsFile as CoreFile, TensorEntry};
 use fastadapter_core::select::KeySelector;
 use pyo3::exceptions::PyBufferError;
 use pyo3::ffi;
@@ -178,7 +178,7 @@ impl SafetensorsFile {
     /// same places, so a caller that selected from one need not select again from the other.
     #[getter]
     fn header<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
-        PyBytes::new(py, &self.inner.bytes()[..self.inner.header_len()])
+        PyBytes::new(py, self.inner.header_bytes())
     }
 
     fn __len__(&self) -> usize {
@@ -260,6 +260,24 @@ impl SafetensorsFile {
     }
 
     unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {}
+}
+
+/// `SafetensorsFile.map_over` for the file at `path`, not opened as a `SafetensorsFile`: mapped over
+/// `target` when its length is `target`'s and its header is `header` byte for byte (a header validated
+/// before: `SafetensorsFile.header`), refused with `ValueError` / `OSError` naming `path` otherwise,
+/// `target` unchanged. A hotswap of a file laid out like the last one saves the header parse.
+#[pyfunction]
+pub fn map_file_over(
+    py: Python<'_>,
+    path: PathBuf,
+    header: &[u8],
+    target: &SafetensorsFile,
+) -> PyResult<()> {
+    target.stop_prefetch(py, false)?;
+    let (base, len) = (target.base, target.len as usize);
+    // SAFETY: as in `SafetensorsFile::map_over`.
+    py.detach(|| unsafe { map_file_onto(&path, header, base as *mut u8, len) })
+        .map_err(to_py)
 }
 
 /// `SafetensorsFile.select` for bare keys (e.g. a state dict read by torch): the selected keys as
