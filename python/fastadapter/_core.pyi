@@ -26,6 +26,7 @@ __all__ = [
     "rotate_checkpoints",
     "select_keys",
     "stage_bytes",
+    "stage_sized",
     "wait_released",
     "write_chunks",
     "write_safetensors",
@@ -104,6 +105,16 @@ def write_safetensors(
     fsync: bool = False,
 ) -> PendingFile: ...
 def stage_bytes(path: str | PathLike[str], data: Buffer, fsync: bool = False) -> PendingFile: ...
+def stage_sized(
+    path: str | PathLike[str],
+    temp_path: str | PathLike[str],
+    header: Buffer,
+    length: int,
+    fsync: bool = False,
+) -> PendingFile:
+    """Stage `path` as a new file at `temp_path` (created exclusively) holding `header` and `length`
+    bytes in all; other processes write the rest (``write_chunks``) before ``commit()``."""
+
 def wait_released() -> None:
     """Wait until files replaced by earlier commits are freed (that happens on a background thread)."""
 

@@ -4,7 +4,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use tempfile::{NamedTempFile, TempPath};
@@ -78,6 +78,40 @@ impl PendingFile {
         }
         Ok(())
     }
+}
+
+/// Stage `target` as a file at `temp`, a path the caller chose (created here, exclusively), holding
+/// `head` at its start and `len` bytes in all. The rest is written by other processes before
+/// [`PendingFile::commit`]: the ranks of a distributed save each write their own slices of it (see
+/// [`crate::positioned`]), and the file is sized up front so that no write has to extend it.
+pub fn stage_sized(
+    target: &Path,
+    temp: &Path,
+    head: &[u8],
+    len: u64,
+    fsync: bool,
+) -> Result<PendingFile> {
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o666)
+        .open(temp)
+        .at(temp)?;
+    let temp = match TempPath::try_from_path(temp) {
+        Ok(path) => NamedTempFile::from_parts(file, path),
+        Err(e) => {
+            let _ = std::fs::remove_file(temp);
+            return Err(Error::io(temp, e));
+        }
+    };
+    // On an error `temp` is dropped, which removes the file.
+    temp.as_file().set_len(len).at(target)?;
+    temp.as_file().write_all_at(head, 0).at(target)?;
+    Ok(PendingFile {
+        temp,
+        target: target.to_path_buf(),
+        fsync,
+    })
 }
 
 /// The regular file at `target` if it is big enough to be worth releasing later (see [`crate::release`]).
@@ -212,6 +246,38 @@ mod tests {
             .filter_map(|e| std::fs::metadata(e.unwrap().path()).ok())
             .any(|m| m.ino() == old_inode && m.nlink() == 0);
         assert!(!still_open, "the replaced file is still held open");
+    }
+
+    #[test]
+    fn a_sized_stage_holds_its_head_and_length_and_publishes_what_others_wrote() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("w.safetensors");
+        std::fs::write(&target, b"old").unwrap();
+        let temp = dir.path().join(".w.safetensors.tmp-1-0123456789abcdef");
+        let pending = stage_sized(&target, &temp, b"HEAD", 10, false).unwrap();
+        assert_eq!(std::fs::read(&temp).unwrap(), b"HEAD\0\0\0\0\0\0");
+        // Another writer fills the rest, as a rank would.
+        let other = OpenOptions::new().write(true).open(&temp).unwrap();
+        other.write_all_at(b"abcdef", 4).unwrap();
+        assert!(
+            stage_sized(&target, &temp, b"x", 1, false).is_err(),
+            "an existing temp is refused"
+        );
+        assert_eq!(std::fs::read(&target).unwrap(), b"old");
+        pending.commit().unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), b"HEADabcdef");
+        assert!(!temp.exists());
+    }
+
+    #[test]
+    fn a_sized_stage_dropped_removes_its_temp_and_keeps_the_target() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("w.safetensors");
+        std::fs::write(&target, b"old").unwrap();
+        let temp = dir.path().join(".w.safetensors.tmp-1-0123456789abcdef");
+        drop(stage_sized(&target, &temp, b"HEAD", 8, false).unwrap());
+        assert!(!temp.exists());
+        assert_eq!(std::fs::read(&target).unwrap(), b"old");
     }
 
     #[test]

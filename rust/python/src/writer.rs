@@ -6,7 +6,9 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use fastadapter_core::atomic::{stage_bytes as core_stage_bytes, PendingFile as CorePending};
+use fastadapter_core::atomic::{
+    stage_bytes as core_stage_bytes, stage_sized as core_stage_sized, PendingFile as CorePending,
+};
 use fastadapter_core::layout::{parse_dtype, plan, TensorMeta};
 use fastadapter_core::writer::{write_safetensors as core_write, TensorRef, WriteOptions};
 use fastadapter_core::Error;
@@ -165,6 +167,38 @@ pub fn stage_bytes(
             len => unsafe { std::slice::from_raw_parts(ptr as *const u8, len) },
         };
         core_stage_bytes(&path, bytes, fsync)
+    })?;
+    drop(buffer);
+    Ok(PendingFile::wrap(pending))
+}
+
+/// Stage `path` as a new file at `temp_path` (the caller's name for it, created exclusively) that
+/// holds `header` and is `length` bytes long; other processes write the rest (the ranks of a
+/// distributed save, through `write_chunks`) before `commit()`.
+#[pyfunction]
+#[pyo3(signature = (path, temp_path, header, length, fsync=false))]
+pub fn stage_sized(
+    py: Python<'_>,
+    path: PathBuf,
+    temp_path: PathBuf,
+    header: &Bound<'_, PyAny>,
+    length: u64,
+    fsync: bool,
+) -> PyResult<PendingFile> {
+    let buffer = PyUntypedBuffer::get(header)?;
+    if !buffer.is_c_contiguous() {
+        return Err(PyValueError::new_err(
+            "header must be a C-contiguous buffer",
+        ));
+    }
+    let (ptr, len) = (buffer.buf_ptr() as usize, buffer.len_bytes());
+    let pending = detached(py, || {
+        let head: &[u8] = match len {
+            0 => &[],
+            // SAFETY: `buffer` (an export) pins the memory until this function returns.
+            len => unsafe { std::slice::from_raw_parts(ptr as *const u8, len) },
+        };
+        core_stage_sized(&path, &temp_path, head, length, fsync)
     })?;
     drop(buffer);
     Ok(PendingFile::wrap(pending))
