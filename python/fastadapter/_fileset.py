@@ -7,6 +7,7 @@ the old files were never touched.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import shutil
@@ -16,6 +17,7 @@ from types import TracebackType
 from typing import Protocol
 
 from . import _core
+from .errors import SharedStorageError
 
 
 class Staged(Protocol):
@@ -55,6 +57,19 @@ def hidden_temp_path(directory: str, name: str) -> str:
     before it is renamed into place. The Rust core names its temp files and staging directories the same
     way, and its stale-staging cleanup reads the pid from that name (a dead writer's leftovers go)."""
     return os.path.join(directory, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(8)}")
+
+
+def require_shared(path: str, rank: int, remedy: str) -> None:
+    """Raise `SharedStorageError` unless `path`, which the coordinating rank has just created under a
+    name no other file has, exists for this rank too: where it does not, the ranks do not share the file
+    system (another node's disk), and writing there would create a stray file instead."""
+    if not os.path.exists(path):
+        raise SharedStorageError(
+            errno.ENOENT,
+            f"rank {rank} cannot see what the coordinating rank created: the ranks do not share this file "
+            f"system; {remedy}",
+            path,
+        )
 
 
 def _current_umask() -> int:

@@ -18,6 +18,7 @@ __all__ = [
     "KeyPatternError",
     "MissingTensorError",
     "NotADirectoryPathError",
+    "RankFailedError",
     "SharedStorageError",
     "TargetModuleError",
     "TensorError",
@@ -92,3 +93,9 @@ class SharedStorageError(FastAdapterError, FileNotFoundError):
     """A rank cannot see the directory the coordinator created for a consolidated distributed checkpoint:
     the ranks do not share a file system. `fastadapter.dcp.StorageWriter(path, consolidate=False)` writes
     per-rank files instead."""
+
+
+class RankFailedError(FastAdapterError, RuntimeError):
+    """A save that every rank takes part in (`fastadapter.save` of an FSDP2-sharded adapter, each rank
+    writing its own slices) failed on another rank; the message names that rank and its error. The
+    failing rank raises its own error, and the previous files are left as they were."""

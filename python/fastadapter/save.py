@@ -53,10 +53,22 @@ def save(
     `fsync=True` also makes the files durable (file and directory fsync) before returning.
     `kwargs["state_dict"]` is honoured as in PEFT; other keyword arguments (PEFT passes them to the Hub)
     are ignored.
+    A model whose weights are DTensors (FSDP2, tensor parallel) is saved by calling this on every rank:
+    each rank writes its own slices of `adapter_model.safetensors` in place and a main process publishes
+    the files (`_sharded_save`: who publishes when several or no ranks pass `is_main_process=True`, and
+    when the adapter is gathered instead).
     """
     save_directory = os.fspath(save_directory)
     if os.path.isfile(save_directory):
         raise NotADirectoryPathError(f"Provided path ({save_directory}) should be a directory, not a file")
+    from ._sharded import sharded_parameter
+
+    # Decided alike on every rank (the same model, the same arguments): the in-place write is collective.
+    in_place = (
+        safe_serialization
+        and path_initial_model_for_weight_conversion is None
+        and sharded_parameter(model) is not None
+    )
     planned = adapter_files(
         model,
         save_directory,
@@ -65,9 +77,23 @@ def save(
         is_main_process=is_main_process,
         state_dict=kwargs.get("state_dict"),
         path_initial_model_for_weight_conversion=path_initial_model_for_weight_conversion,
+        gather=not in_place,
     )
     if is_main_process:
         os.makedirs(save_directory, exist_ok=True)
+    if in_place:
+        from ._sharded_save import save_sharded
+
+        save_sharded(planned, save_directory, is_main_process, fsync)
+        return
+    save_planned(planned, save_directory, safe_serialization, fsync)
+
+
+def save_planned(
+    planned: Iterator[PlannedFile], save_directory: str, safe_serialization: bool, fsync: bool
+) -> None:
+    """Stage every planned file, then publish them all: the main process's part of a save. For sharded
+    weights `planned` must come from `adapter_files(gather=True)`: every rank gathers the adapter."""
     with FileSet() as files:
         for relative, payload in planned:
             target = os.path.join(save_directory, relative)
@@ -75,7 +101,7 @@ def save(
             if isinstance(payload, bytes):
                 files.stage_bytes(target, payload, fsync)
             elif safe_serialization:
-                _stage_weights(files, target, payload, fsync)
+                stage_weights(files, target, payload, fsync)
             else:
                 _stage_bin(files, target, payload)
 
@@ -94,6 +120,7 @@ def adapter_files(
     is_main_process: bool = True,
     state_dict: dict[str, torch.Tensor] | None = None,
     path_initial_model_for_weight_conversion: str | os.PathLike[str] | None = None,
+    gather: bool = True,
 ) -> Iterator[PlannedFile]:
     """The files `save` writes for `model`, as its host's own `save_pretrained` writes them, without
     writing anything: the side files (PEFT's model card, transformers' generation config), then for each
@@ -101,9 +128,14 @@ def adapter_files(
     snapshots them. Consume it fully: the host's side effects (PEFT fills the config's
     base_model_name_or_path) happen as the files are produced, and on non-main processes it still
     computes every state dict (a collective for sharded models) but yields no file. The model and
-    `selected_adapters` are checked before this returns."""
+    `selected_adapters` are checked before this returns.
+    `gather=False` (not with a weight conversion): sharded weights are yielded as they are (DTensors),
+    nothing is gathered, and non-main processes yield their weights too (only those), for the
+    in-place write in which every rank writes its own slices."""
     from .hosts import host_for
 
+    if not gather and path_initial_model_for_weight_conversion is not None:
+        raise ValueError("a weight conversion subtracts from the full tensors: it needs gather=True")
     host = host_for(model)
     layout = host.save_layout(selected_adapters)
     return _adapter_files(
@@ -114,6 +146,7 @@ def adapter_files(
         is_main_process,
         state_dict,
         path_initial_model_for_weight_conversion,
+        gather,
     )
 
 
@@ -125,6 +158,7 @@ def _adapter_files(
     is_main_process: bool,
     state_dict: dict[str, torch.Tensor] | None,
     path_initial_model_for_weight_conversion: str | os.PathLike[str] | None,
+    gather: bool,
 ) -> Iterator[PlannedFile]:
     from ._peft_state import resolve_save_embedding_layers
 
@@ -134,9 +168,13 @@ def _adapter_files(
     for name, subdir in layout:
         config = configs[name]
         embeddings = resolve_save_embedding_layers(host.model, config, save_embedding_layers)
-        weights = _unsharded(host.adapter_state_dict(name, embeddings, state_dict))
+        weights = host.adapter_state_dict(name, embeddings, state_dict)
+        if gather:
+            weights = _unsharded(weights)
         if not is_main_process:
             os.makedirs(os.path.join(save_directory, subdir), exist_ok=True)  # as PEFT does on every rank
+            if not gather:
+                yield os.path.join(subdir, ADAPTER_WEIGHTS), weights
             continue
         converting = path_initial_model_for_weight_conversion is not None
         if converting:
@@ -164,7 +202,7 @@ _SNAPSHOT_LOCK = threading.Lock()
 _SNAPSHOT_BUFFER: Any = None
 
 
-def _stage_weights(files: FileSet, target: str, state_dict: dict[str, torch.Tensor], fsync: bool) -> None:
+def stage_weights(files: FileSet, target: str, state_dict: dict[str, torch.Tensor], fsync: bool) -> None:
     if any(t.device.type in SNAPSHOT_DEVICE_TYPES for t in state_dict.values()):
         _stage_packed(files, target, state_dict, fsync)
         return

@@ -89,7 +89,7 @@ def load_into_sharded(rank: int, world: int, adapter: Path, second: Path) -> Non
             logits = model(inputs).logits
         assert torch.equal(logits, expected), (host, (logits - expected).abs().max())
 
-        # Saved back from the shards (one gather of all of them), the file is the one PEFT wrote.
+        # Saved back from the shards (each rank writes its own slices), the file is the one PEFT wrote.
         out = adapter.parent / f"saved-{host}"
         fastadapter.save(model, out, is_main_process=rank == 0)
         dist.barrier()

@@ -41,8 +41,8 @@ from torch.futures import Future
 
 from .. import _core
 from .._dtypes import TORCH_TO_SAFETENSORS
-from .._fileset import hidden_temp_path
-from ..errors import NotADirectoryPathError, SharedStorageError, TensorError
+from .._fileset import hidden_temp_path, require_shared
+from ..errors import NotADirectoryPathError, TensorError
 from ..names import SAFETENSORS_INDEX
 from ._layout import Place, RankPlan, index_json, plan_files, tensors_of
 
@@ -160,13 +160,9 @@ class StorageWriter(_DcpStorageWriter):
     def write_data(self, plan: SavePlan, planner: SavePlanner) -> Future[list[WriteResult]]:
         rank_plan: RankPlan = plan.storage_data
         directory = rank_plan.staging if self.consolidate else self.path
-        if self.consolidate and not os.path.isdir(directory):
-            raise SharedStorageError(
-                errno.ENOENT,
-                f"rank {self.rank} cannot see the checkpoint directory the coordinator created: the ranks do "
-                "not share this file system; use StorageWriter(path, consolidate=False) for per-rank files",
-                directory,
-            )
+        if self.consolidate:
+            remedy = "use StorageWriter(path, consolidate=False) for per-rank files"
+            require_shared(directory, self.rank, remedy)
         os.makedirs(directory, exist_ok=True)
         tensor_items = [i for i in plan.items if i.type != WriteItemType.BYTE_IO]
         object_items = [i for i in plan.items if i.type == WriteItemType.BYTE_IO]
