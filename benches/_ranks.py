@@ -41,6 +41,15 @@ def sharded_state(world: int, tensors: int, rows: int, cols: int) -> tuple[dict[
     return state, torch.cat([t.to_local().reshape(-1) for t in state.values()])
 
 
+def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """`data` written at `offset` of `fd` with as few `pwrite()` calls as the kernel takes (one, at
+    these sizes): the ceilings' write."""
+    data = data.cast("B")
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
+
+
 def free_port() -> int:
     """A free TCP port on the loopback interface, for a gloo rendezvous."""
     with socket.socket() as s:

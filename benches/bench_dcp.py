@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 import torch
 
-from _ranks import Ranks, join, schedule, sharded_state, time_save  # type: ignore[import-not-found]
+from _ranks import Ranks, join, pwrite_all, schedule, sharded_state, time_save  # type: ignore[import-not-found]
 from conftest import QUICK
 
 WORLD = int(os.environ.get("FASTADAPTER_BENCH_DCP_WORLD", "2"))
@@ -109,7 +109,7 @@ def _worker(rank: int, port: int, conn: Any) -> None:
             name = os.path.join(out, "shared" if shared else f"rank-{rank}")
             fd = os.open(name, os.O_WRONLY | os.O_CREAT | (0 if shared else os.O_TRUNC), 0o644)
             try:
-                _pwrite_all(fd, local.numpy().data, rank * local.nbytes if shared else 0)
+                pwrite_all(fd, local.numpy().data, rank * local.nbytes if shared else 0)
                 if FSYNC:
                     os.fsync(fd)
             finally:
@@ -160,13 +160,6 @@ def _worker(rank: int, port: int, conn: Any) -> None:
         except Exception:
             conn.send(("error", traceback.format_exc()))
     dist.destroy_process_group()
-
-
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    data = data.cast("B")
-    while data:
-        n = os.pwrite(fd, data, offset)
-        data, offset = data[n:], offset + n
 
 
 def _pread_all(fd: int, into: memoryview, offset: int) -> None:

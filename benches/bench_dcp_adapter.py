@@ -4,13 +4,17 @@ A Llama-shaped PeftModel (4 layers, hidden 4096, intermediate 11008, r=64 on the
 bf16 base, fp32 LoRA: 80 MB, 56 tensors) built on the meta device, `fully_shard` on each decoder layer and
 on the model, then materialised with `to_empty` (the base weights are never touched: only the adapter
 is saved). Contenders, each called on every rank:
-- `fastadapter`: `fastadapter.save(model, dir, is_main_process=rank == 0)` (gathers the adapter; rank 0
-  writes PEFT's files);
+- `fastadapter`: `fastadapter.save(model, dir, is_main_process=rank == 0)` (every rank writes its own
+  slices of `adapter_model.safetensors` in place; rank 0 publishes PEFT's files);
+- `fastadapter_gathered`: the same files the way `fastadapter.save` wrote them before (and still does on
+  storage the ranks do not share): every rank gathers the adapter (`full_tensor` each), rank 0 writes;
 - `peft_gathered`: what PEFT's `save_pretrained` needs for a sharded model: every rank gathers the
   adapter's DTensors (`full_tensor`), rank 0 calls `save_pretrained(dir, state_dict=full)`;
 - `fastadapter_dcp` / `torch_filesystem`: `dcp.save` of the adapter's sharded state dict through
   `fastadapter.dcp.StorageWriter` (one consolidated `model.safetensors`) / DCP's `FileSystemWriter`;
-- `raw_write` (ceiling): each rank writes its shards' bytes with one `write()` to a new file of its own.
+- `raw_write` (ceiling): each rank writes its shards' bytes with one `write()` to a new file of its own;
+- `raw_write_shared` (ceiling for one file): rank 0 creates one file, each rank writes its shards' bytes
+  into it with one `pwrite()` at its own offset (the ranks' writes share the file's inode lock).
 Every save into a fresh directory (removed and `os.sync()` untimed), no fsync.
 """
 
@@ -27,13 +31,21 @@ from typing import Any
 import pytest
 import torch
 
-from _ranks import Ranks, join, schedule, time_save  # type: ignore[import-not-found]
+from _ranks import Ranks, join, pwrite_all, schedule, time_save  # type: ignore[import-not-found]
 from conftest import LLAMA_TARGETS, QUICK
 
 WORLD = int(os.environ.get("FASTADAPTER_BENCH_DCP_WORLD", "2"))
 BLOCKS = 1 if QUICK else 2
 ROUNDS = 1 if QUICK else 5
-CONTENDERS = ("fastadapter", "peft_gathered", "fastadapter_dcp", "torch_filesystem", "raw_write")
+CONTENDERS = (
+    "fastadapter",
+    "fastadapter_gathered",
+    "peft_gathered",
+    "fastadapter_dcp",
+    "torch_filesystem",
+    "raw_write",
+    "raw_write_shared",
+)
 
 
 def _sharded_peft_llama() -> Any:
@@ -73,15 +85,23 @@ def _worker(rank: int, port: int, conn: Any) -> None:
 
     import fastadapter
     from fastadapter.dcp import StorageWriter
+    from fastadapter.save import adapter_files, save_planned
 
     join(rank, port, WORLD)
     model = _sharded_peft_llama()
     lora = {k: v for k, v in model.state_dict().items() if "lora_" in k}
     local = torch.cat([t.to_local().reshape(-1) for t in lora.values()])
+    sizes: list[int] = [0] * WORLD
+    dist.all_gather_object(sizes, local.nbytes)
+    at = sum(sizes[:rank])  # this rank's offset in the one shared file
 
     def save(contender: str, out: str) -> None:
         if contender == "fastadapter":
             fastadapter.save(model, out, is_main_process=rank == 0)
+        elif contender == "fastadapter_gathered":
+            if rank == 0:
+                os.makedirs(out, exist_ok=True)
+            save_planned(adapter_files(model, out, is_main_process=rank == 0), out, True, False)
         elif contender == "peft_gathered":
             full = {k: v.full_tensor() for k, v in get_peft_model_state_dict(model).items()}
             if rank == 0:
@@ -90,12 +110,24 @@ def _worker(rank: int, port: int, conn: Any) -> None:
             dcp.save(lora, storage_writer=StorageWriter(out, sync_files=False))
         elif contender == "torch_filesystem":
             dcp.save(lora, storage_writer=FileSystemWriter(out, sync_files=False))
-        else:
+        elif contender == "raw_write":
             if rank == 0:
                 os.makedirs(out, exist_ok=True)
             dist.barrier()
             with open(os.path.join(out, f"rank-{rank}"), "wb") as f:
                 f.write(local.numpy().data)
+        else:
+            shared = os.path.join(out, "shared")
+            if rank == 0:
+                os.makedirs(out, exist_ok=True)
+                with open(shared, "wb") as f:
+                    f.truncate(sum(sizes))
+            dist.barrier()  # the file exists before any rank opens it
+            fd = os.open(shared, os.O_WRONLY)
+            try:
+                pwrite_all(fd, local.numpy().data, at)
+            finally:
+                os.close(fd)
         dist.barrier()
 
     while True:

@@ -63,6 +63,7 @@ ORDER = (
     "fastadapter_per_rank",
     "fastadapter_hotswap",
     "fastadapter_dcp",
+    "fastadapter_gathered",
     "peft_patched",
     "peft",
     "transformers",
