@@ -104,7 +104,9 @@ def save_on_ranks(rank: int, world: int, root: Path) -> None:
                 k: distribute_tensor(v, mesh, [Shard(1) if "lora_A" in k else Replicate()])
                 for k, v in full.items()
             }
-            fastadapter.save(model, root / f"shard1-{tag}", is_main_process=rank == 0, state_dict=placed)
+            fastadapter.save(
+                model, root / f"shard1-{tag}", is_main_process=rank == 0, state_dict=placed, fsync=True
+            )
             if world == 4:
                 mesh2 = init_device_mesh("cpu", (2, 2))
                 hsdp = {
