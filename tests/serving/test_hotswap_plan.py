@@ -15,12 +15,12 @@ import pytest
 import torch
 from peft import PeftModel
 from safetensors.torch import load_file
+from test_hotswap import INPUTS, oracle, saved_adapter
 from torch import nn
 
 import fastadapter
 from fastadapter import _hotswap
 from helpers import SAFETENSORS, logits, tiny_llama
-from test_hotswap import INPUTS, oracle, saved_adapter
 
 
 def lora_weights(model: nn.Module, name: str = "default") -> dict[str, torch.Tensor]:
