@@ -102,8 +102,7 @@ def _swap(model: nn.Module, directory: str, adapter_name: str, *, as_peft: bool)
     new = host.new_config(directory, is_trainable=not old.inference_mode)
     check_compatible(old, new, directory)
     tuned = _tuned(host, root)
-    found = layers_holding(tuned, adapter_name)
-    kept = cached_plan(tuned, adapter_name, old, found[0])
+    kept = cached_plan(tuned, adapter_name, old)
     path = os.path.join(directory, ADAPTER_WEIGHTS)
     if kept is not None and _stored(path) == kept.stored:
         # Laid out as the file the plan was made for: its checks hold, nothing to parse or select.
@@ -114,6 +113,7 @@ def _swap(model: nn.Module, directory: str, adapter_name: str, *, as_peft: bool)
         if swap is None:
             peft_names = frozenset(host.configs()) if as_peft else None
             records = _records(incoming, adapter_name)
+            found = layers_holding(tuned, adapter_name)
             swap = plan(tuned, found, adapter_name, incoming, records, old, peft_names)
         if as_peft:
             swap.refuse_unlike_peft(host.configs(), adapter_name, incoming.where)

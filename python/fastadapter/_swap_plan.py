@@ -6,11 +6,11 @@ A server swaps adapters of one shape into the same layers again and again. Worki
 module tree and matches every tensor (most of a warm swap's time, in Python), so a plan made for a
 safetensors file is kept for the model and adapter name and used again for the next file with the same
 header (byte for byte: the same tensors at the same places, so not even the selection of its keys is
-made again), as long as the layers are unchanged: the same config object
-(an adapter deleted and loaded again has another), the same LoRA layers at the same paths holding the
-adapter (a walk of the module tree that does not enter the layers: cheap, and it sees layers added,
-replaced or removed however that was done), and every container and parameter the plan writes through
-still where it was (deleted adapters, padded or replaced parameters). torch has no cheaper signal of a
+made again), as long as the model is unchanged: the same config object (an adapter deleted and loaded
+again has another), every `_modules` dict the walk for LoRA layers went through holding the same
+entries (same size, same objects: a layer added, replaced or removed however that was done changes one),
+and every container and parameter the plan writes through still where it was (deleted adapters, padded
+or replaced parameters). Checking those costs a fraction of the walk. torch has no cheaper signal of a
 changed module tree: its global registration hooks miss deletions and make dynamo recompile.
 """
 
@@ -78,6 +78,9 @@ class Plan:
     copies: list[tuple[torch.Tensor, torch.Tensor]]
     others: bool
     stored: tuple[bytes, int] | None = None  # the file's header and length, when the plan is kept
+    # The walk's dicts and their sizes, and every entry the walk and the plan went through, with what
+    # was there: the plan holds while they are unchanged.
+    sizes: list[tuple[dict[str, Any], int]] = field(default_factory=list)
     guards: list[Guard] = field(default_factory=list)
     peft_checked_with: frozenset[str] | None = None
     # The mapping that every weight is a view of, each at its own offset in the file (`mapped_tensors`
@@ -104,11 +107,11 @@ class Plan:
                 raise UnsupportedAdapterError(f"adapter {name!r} is merged (PEFT raises its own error)")
             raise ValueError(f"adapter {name!r} is merged into the base weights: unmerge it before a hotswap")
 
-    def holds(self, config: Any, layers: dict[str, Any]) -> bool:
+    def holds(self, config: Any) -> bool:
         return (
             self.stored is not None
             and config is self.config
-            and layers == self.layers  # modules compare by identity
+            and all(len(d) == n for d, n in self.sizes)
             and all(d.get(k) is v for d, k, v in self.guards)
         )
 
@@ -160,16 +163,17 @@ def _refuse_unlike_peft(
 _plans: weakref.WeakKeyDictionary[nn.Module, dict[str, Plan]] = weakref.WeakKeyDictionary()
 
 
-def cached_plan(tuned: nn.Module, name: str, config: Any, layers: dict[str, Any]) -> Plan | None:
-    """The plan kept from the last swap of adapter `name` into `tuned`, if it holds for the layers found
-    now; it holds for a file whose header and length are its `stored` ones."""
+def cached_plan(tuned: nn.Module, name: str, config: Any) -> Plan | None:
+    """The plan kept from the last swap of adapter `name` into `tuned`, if the model is as it was (no
+    walk: the dicts it went through are checked); it holds for a file whose header and length are its
+    `stored` ones."""
     plan = _plans.get(tuned, {}).get(name)
-    return plan if plan is not None and plan.holds(config, layers) else None
+    return plan if plan is not None and plan.holds(config) else None
 
 
 def plan(
     tuned: nn.Module,
-    found: tuple[dict[str, Any], list[str]],
+    found: Found,
     name: str,
     incoming: Incoming,
     records: list[Record] | None,
@@ -180,8 +184,8 @@ def plan(
     swap writes. Kept for the next swap when the file is a safetensors file and every change is a read
     straight from it or a zeroing (CPU weights of the file's dtype). `peft_names` (the model's adapter
     names): refuse first what PEFT's `hotswap_adapter` does otherwise. `found`: `layers_holding`'s answer."""
-    modules, paths = found
-    layers = {p: Layer(p, m, dict(live_slots(m, name))) for p, m in modules.items()}
+    layers = {p: Layer(p, m, dict(live_slots(m, name))) for p, m in found.layers.items()}
+    paths = found.paths
     if peft_names is not None:
         _refuse_unlike_peft({p: x.module for p, x in layers.items()}, paths, peft_names, name)
     if records is not None and incoming.mapped is not None and not incoming.tensors:
@@ -213,7 +217,8 @@ def plan(
     )
     if records is not None and incoming.mapped is not None and not copies:
         out.stored = (incoming.mapped.header, memoryview(incoming.mapped).nbytes)
-        out.guards = [g for x in layers.values() for g in _guards(x.module, name)]
+        out.sizes = found.sizes
+        out.guards = found.entries + [g for x in layers.values() for g in _guards(x.module, name)]
         _plans.setdefault(tuned, {})[name] = out
     return out
 
@@ -221,7 +226,19 @@ def plan(
 # --- finding the adapter's tensors -----------------------------------------------------------------------
 
 
-def layers_holding(tuned: nn.Module, name: str) -> tuple[dict[str, Any], list[str]]:
+@dataclass
+class Found:
+    """`layers_holding`'s answer: the layers holding the adapter by path, the path of every module met,
+    and what the walk read (each `_modules` dict it went through with its size, and each entry): while
+    those are unchanged, so is the answer."""
+
+    layers: dict[str, Any]
+    paths: list[str]
+    sizes: list[tuple[dict[str, Any], int]]
+    entries: list[Guard]
+
+
+def layers_holding(tuned: nn.Module, name: str) -> Found:
     """Every LoRA layer (PEFT's or fastadapter's) holding adapter `name`, by path; and the path of every
     module met. The walk does not enter LoRA layers (their inner modules are never layers of their own):
     on a model holding many adapters, named_modules would visit every adapter's modules."""
@@ -232,8 +249,7 @@ def layers_holding(tuned: nn.Module, name: str) -> tuple[dict[str, Any], list[st
     if peft_layers is not None:
         layer_types = (*layer_types, peft_layers.LoraLayer)
     is_layer: dict[type[Any], bool] = {}
-    holding: dict[str, Any] = {}
-    paths: list[str] = []
+    found = Found({}, [], [], [])
     seen = {id(tuned)}
 
     def is_layer_type(kind: type[Any]) -> bool:
@@ -243,25 +259,28 @@ def layers_holding(tuned: nn.Module, name: str) -> tuple[dict[str, Any], list[st
         return known
 
     def visit(path: str, module: nn.Module) -> None:  # in named_modules' order, each module once
-        paths.append(path)
+        found.paths.append(path)
         if is_layer_type(type(module)):
             state = module.__dict__
             r = state.get("r")
             if isinstance(r, dict) and name in r and isinstance(state.get("scaling"), dict):
-                holding[path] = module
+                found.layers[path] = module
             return
         prefix = f"{path}." if path else ""
-        for key, child in module._modules.items():
+        children = module._modules
+        found.sizes.append((children, len(children)))
+        for key, child in children.items():
+            found.entries.append((children, key, child))
             if child is not None and id(child) not in seen:
                 seen.add(id(child))
                 visit(prefix + key, child)
 
     visit("", tuned)
-    return holding, paths
+    return found
 
 
 def held_layers(tuned: nn.Module, name: str) -> dict[str, Layer]:
-    return {p: Layer(p, m, dict(live_slots(m, name))) for p, m in layers_holding(tuned, name)[0].items()}
+    return {p: Layer(p, m, dict(live_slots(m, name))) for p, m in layers_holding(tuned, name).layers.items()}
 
 
 _MODULE_SLOTS = ("lora_A", "lora_B", "lora_magnitude_vector")
