@@ -120,18 +120,19 @@ def _swap(model: nn.Module, directory: str, adapter_name: str, *, as_peft: bool)
         alphas = _alphas(new, swap.targeted, incoming.where)
         swap.refuse_merged(adapter_name, as_peft)
         staged = _staged(swap.copies)  # device copies may fail (memory): still before any change
-        # A cold file's disk reads, begun in _open beside the checks, end here: the copies below then come
-        # from the page cache (pread beside them fought them for the disk: 3.5x the read, not 1.2x), and
-        # a read that failed (the file cut short under us) is raised before anything changes.
-        incoming.ready()
         # Weights that are views of the file they were loaded from, each where the new file has its own:
-        # the new file is mapped over the old one, in place (same addresses, no byte copied).
+        # the new file is mapped over the old one, in place (same addresses, no byte copied). A cold
+        # file's disk reads, begun in _open beside the checks, go on into the weights' own mapping.
         mapping = swap.held_mapping()
         if mapping is not None and incoming.mapped is None and swap.stored is not None:
             map_file_over(path, swap.stored[0], mapping)
         elif mapping is not None and incoming.mapped is not None and _same_length(mapping, incoming.mapped):
             incoming.mapped.map_over(mapping)
         else:
+            # Copies: the disk reads end first, and the copies then come from the page cache (pread beside
+            # them fought them for the disk: 3.5x the read, not 1.2x); a read that failed (the file cut
+            # short under us) is raised before anything changes.
+            incoming.ready()
             _write(swap, incoming.where, staged)
         for path, (module, rank) in swap.targeted.items():
             _set_scaling(module, adapter_name, alphas[path], rank, new.use_rslora, not as_peft)

@@ -194,11 +194,18 @@ def test_file_shrunk_during_a_load_fails_it_and_takes_the_adapter_out(
     assert torch.equal(model(INPUT), before)
 
 
+@pytest.mark.parametrize("weights", ["mapped", "own"])
 def test_hotswap_of_a_file_shrunk_under_it_is_refused_with_the_model_unchanged(
-    adapter: Path, monkeypatch: pytest.MonkeyPatch
+    adapter: Path, monkeypatch: pytest.MonkeyPatch, weights: str
 ) -> None:
+    """Weights that are views of a file (mapped over: the length is checked before the mapping) and
+    weights of their own (copied into: the prefetch's read fails before the copies)."""
     path = adapter / SAFETENSORS
     model = fastadapter.load(base(), saved(adapter.parent / "b", seed=2))
+    if weights == "own":
+        for key, p in model.named_parameters():
+            if "lora_" in key:
+                p.data = p.data.clone()  # same parameters, memory of their own
     before = {k: v.clone() for k, v in lora_tensors(model).items()}
     real = _hotswap._open
 
@@ -212,7 +219,8 @@ def test_hotswap_of_a_file_shrunk_under_it_is_refused_with_the_model_unchanged(
         return incoming
 
     monkeypatch.setattr("fastadapter._hotswap._open", shrinking)
-    with pytest.raises(OSError, match="Bad address") as raised:
+    error, match = (fastadapter.HeaderError, "resized") if weights == "mapped" else (OSError, "Bad address")
+    with pytest.raises(error, match=match) as raised:
         fastadapter.hotswap(model, adapter)
     assert str(path) in str(raised.value)
     assert_same(lora_tensors(model), before)

@@ -50,6 +50,22 @@ struct Running {
     thread: JoinHandle<fastadapter_core::Result<()>>,
 }
 
+impl SafetensorsFile {
+    /// End this file's prefetch after the piece in progress, even one reading from disk, and wait for
+    /// its thread; its error is not raised (the caller reads the same pages itself and meets it there).
+    fn abandon_prefetch(&self, py: Python<'_>) {
+        let running = self
+            .prefetch
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(Running { state, thread }) = running {
+            state.abandon.store(true, Ordering::Relaxed);
+            let _ = py.detach(|| thread.join());
+        }
+    }
+}
+
 impl Drop for SafetensorsFile {
     /// A prefetch still running for a file nobody holds any more (e.g. a load that failed) is told to
     /// stop, even one reading from disk; its thread keeps the mapping until it has, and is not waited
@@ -142,12 +158,13 @@ impl SafetensorsFile {
 
     /// Map this file over `target`'s memory, in place (the core's `map_onto`): every tensor viewing
     /// `target` reads this file from then on, at the same addresses, with no byte copied; the pages are
-    /// brought in before it returns. Both files' prefetches end first (this one's reads from disk
-    /// finish). `target`'s header (`entries`, `path`) still describes the file it was opened on: for
+    /// brought in before it returns, from disk where the file is cold. This file's prefetch is abandoned
+    /// after its current piece (what it read is in the page cache; the rest is read into `target`'s
+    /// mapping, not into this one's, which is dropped), `target`'s ended. `target`'s header (`entries`, `path`) still describes the file it was opened on: for
     /// files laid out alike (a hotswap checks it). `OSError` / `ValueError` naming this file when it is no
     /// longer the file validated, or another length than `target`; then `target` is unchanged.
     fn map_over(&self, py: Python<'_>, target: &SafetensorsFile) -> PyResult<()> {
-        self.stop_prefetch(py, true)?;
+        self.abandon_prefetch(py);
         target.stop_prefetch(py, false)?;
         let (base, len) = (target.base, target.len as usize);
         let inner = Arc::clone(&self.inner);
