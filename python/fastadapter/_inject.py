@@ -68,7 +68,7 @@ class Plan:
     # Every module of the model as planning saw it (each once): what a first injection freezes and
     # eval() sets, without walking the model again. Not the entries of a LoRA layer's adapter container
     # in eval mode (one per adapter held): eval() set them with it, and listing them would make each load
-    # cost more than the one before.
+    # cost more than the one before. With `plan(containers=False)` not those of any container.
     modules: list[nn.Module] = field(default_factory=list)
     # The LoRA layers (`layer_types`) among them; whether any is a modules_to_save wrapper.
     layers: list[nn.Module] = field(default_factory=list)
@@ -207,7 +207,7 @@ def _kind(base: Any) -> str | None:
 
 
 def _walk(
-    model: nn.Module, layer_types: tuple[type[Any], ...]
+    model: nn.Module, layer_types: tuple[type[Any], ...], containers: bool = True
 ) -> tuple[list[tuple[str, nn.Module]], list[nn.Module], set[type[Any]]]:
     """`model.named_modules()` (its order, each module once) without the modules inside LoRA layers, which
     are never targets: those come as a plain list. Also the LoRA layer classes met. Written out because
@@ -229,7 +229,9 @@ def _walk(
             if child is not None and id(child) not in seen:
                 seen.add(id(child))
                 inside.append(child)
-                if child._modules and not (layer and type(child) is nn.ModuleDict and not child.training):
+                if child._modules and not (
+                    layer and type(child) is nn.ModuleDict and (not containers or not child.training)
+                ):
                     within(child)
 
     def outside(prefix: str, module: nn.Module) -> None:
@@ -258,11 +260,14 @@ def plan(
     *,
     layer_types: tuple[type[Any], ...] = (LoraLayer,),
     wrapper_types: tuple[type[Any], ...] = (ModulesToSave,),
+    containers: bool = True,
 ) -> Plan:
     """Decide what to adapt, checking everything; `config` may be rewritten as PEFT rewrites it (all-linear,
     long target lists, fan_in_fan_out). `layer_types` / `wrapper_types`: the LoRA layers and
-    modules_to_save wrappers the model may hold already (fastadapter's, or PEFT's)."""
-    named, inside, layer_classes = _walk(model, layer_types)
+    modules_to_save wrappers the model may hold already (fastadapter's, or PEFT's). `containers=False`:
+    the caller sets no flag on modules already inside LoRA layers (`Plan.modules`), so the walk does not
+    list their adapter containers' entries, in training mode either."""
+    named, inside, layer_classes = _walk(model, layer_types, containers)
     by_path = dict(named)
     wrapper_classes = {t for t in {type(m) for _, m in named} if issubclass(t, wrapper_types)}
     lora = [(k, m) for k, m in named if type(m) in layer_classes]

@@ -80,7 +80,7 @@ class NativeHost(AdapterHost):
         dtype: torch.dtype | None,
     ) -> None:
         model = self.model
-        p = plan(model, config, name)
+        p = plan(model, config, name, containers=False)  # Plan.modules: only for _freeze_base
         a = assign(
             model,
             p,
@@ -111,7 +111,7 @@ class NativeHost(AdapterHost):
         """A new adapter with PEFT's initialisation (`fastadapter.inject`)."""
         model = self.model
         _add_task_heads(config)
-        p = plan(model, config, name)
+        p = plan(model, config, name, containers=False)  # Plan.modules: only for _freeze_base
         trainable = not config.inference_mode
         layers = [(t, wrap(t)) for t in p.targets]
         for t, layer in layers:  # creates the tensors (PEFT's random stream); the model is not touched yet
