@@ -150,7 +150,8 @@ def _write(swap: Plan, where: str, staged: dict[int, torch.Tensor]) -> None:
         if swap.reads:
             # The weights are usually views of the private mapping of the file they were loaded from:
             # writing them page by page would copy each page first (copy-on-write).
-            read_chunks(where, swap.reads, replace_pages=True)
+            read_chunks(where, swap.reads, replace_pages=not swap.written)
+            swap.written = True
         for existing, value in swap.copies:
             existing.copy_(staged.get(id(value), value))
 

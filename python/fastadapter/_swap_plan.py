@@ -16,6 +16,8 @@ changed module tree: its global registration hooks miss deletions and make dynam
 
 from __future__ import annotations
 
+import functools
+import operator
 import sys
 import weakref
 from collections.abc import Iterator
@@ -86,6 +88,9 @@ class Plan:
     # The mapping that every weight is a view of, each at its own offset in the file (`mapped_tensors`
     # laid them out so): a file laid out alike is then mapped over it instead of copied into it.
     mapped: weakref.ref[SafetensorsFile] | None = None
+    # Reads have written every destination once: they are the process's own pages now, and the reads
+    # need not look for a file's pages to discard (`read_chunks(replace_pages=...)`).
+    written: bool = False
 
     def held_mapping(self) -> SafetensorsFile | None:
         return self.mapped() if self.mapped is not None else None
@@ -108,12 +113,17 @@ class Plan:
             raise ValueError(f"adapter {name!r} is merged into the base weights: unmerge it before a hotswap")
 
     def holds(self, config: Any) -> bool:
-        return (
-            self.stored is not None
-            and config is self.config
-            and all(len(d) == n for d, n in self.sizes)
-            and all(d.get(k) is v for d, k, v in self.guards)
+        if self.stored is None or config is not self.config:
+            return False
+        dicts, keys, values = self._guard_columns
+        # Thousands of entries on a large model: map() iterates in C; `is_` compares identities.
+        return all(len(d) == n for d, n in self.sizes) and all(
+            map(operator.is_, map(dict.get, dicts, keys), values)
         )
+
+    @functools.cached_property
+    def _guard_columns(self) -> tuple[list[dict[str, Any]], list[str], list[Any]]:
+        return [d for d, _, _ in self.guards], [k for _, k, _ in self.guards], [v for _, _, v in self.guards]
 
 
 # Segments of PEFT's state-dict keys under a LoRA layer besides module paths and adapter names.
