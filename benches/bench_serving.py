@@ -10,7 +10,8 @@ each adapter r=16 on q/k/v/o (8 MB in fp32), written once with random weights.
 
 - loads: N adapters loaded one after another into one model (`fastadapter.load(model, dir, f"x{i}")`),
   per host: fastadapter's own layers (`layers="fastadapter"`), a PeftModel, a transformers model; PEFT's
-  own `load_adapter` on a PeftModel as the peer. Reported: the mean of the first and the last 10 loads.
+  own `load_adapter` on a PeftModel as the peer. Reported: the median of the first and of the last 10
+  loads (a load on this VM takes 7 or 14 ms at random: one slow load moves a mean of 10 by a tenth).
 - switch: `set_adapter` alternating between two adapters, with 2 and with N loaded, per host; PEFT's
   `PeftModel.set_adapter` as the peer.
 - hotswap: `fastadapter.hotswap` vs PEFT's `hotswap_adapter` on a PeftModel (same file, warm cache), per
@@ -129,7 +130,7 @@ def bench_loads(dirs: list[Path]) -> dict[str, Any]:
         n = N_PEFT_LOADS if host == "peft_load_adapter" else N_LOADS
         times = load_times(host, dirs[: n + 1])
         gc.collect()
-        first, last = statistics.mean(times[:10]), statistics.mean(times[-10:])
+        first, last = statistics.median(times[:10]), statistics.median(times[-10:])
         rows[host] = {"n": n, "first10_ms": first * 1e3, "last10_ms": last * 1e3, "ratio": last / first}
         print(
             f"loads  {host:20s} n={n:3d} first10 {first * 1e3:7.2f} ms  last10 {last * 1e3:7.2f} ms  "
@@ -142,7 +143,7 @@ def bench_loads(dirs: list[Path]) -> dict[str, Any]:
 # --- switch -----------------------------------------------------------------------------------------------
 
 
-def switch_time(model: nn.Module, host: str, names: list[str], rounds: int = 30) -> float:
+def switch_time(model: nn.Module, host: str, names: list[str], rounds: int = 200) -> float:
     if host == "peft_set_adapter":
         switch: Callable[[str], Any] = model.set_adapter  # type: ignore[assignment]
     else:
