@@ -102,13 +102,7 @@ def _swap(model: nn.Module, directory: str, adapter_name: str, *, as_peft: bool)
     new = host.new_config(directory, is_trainable=not old.inference_mode)
     check_compatible(old, new, directory)
     tuned = _tuned(host, root)
-    kept = cached_plan(tuned, adapter_name, old)
-    path = os.path.join(directory, ADAPTER_WEIGHTS)
-    if kept is not None and _stored(path) == kept.stored:
-        # Laid out as the file the plan was made for: its checks hold, nothing to parse or select.
-        swap, incoming = kept, Incoming(path, {}, None)
-    else:
-        swap, incoming = None, _open(directory, adapter_name)
+    swap, incoming = _kept_or_open(tuned, adapter_name, old, directory)
     try:
         if swap is None:
             peft_names = frozenset(host.configs()) if as_peft else None
@@ -120,27 +114,42 @@ def _swap(model: nn.Module, directory: str, adapter_name: str, *, as_peft: bool)
         alphas = _alphas(new, swap.targeted, incoming.where)
         swap.refuse_merged(adapter_name, as_peft)
         staged = _staged(swap.copies)  # device copies may fail (memory): still before any change
-        # Weights that are views of the file they were loaded from, each where the new file has its own:
-        # the new file is mapped over the old one, in place (same addresses, no byte copied). A cold
-        # file's disk reads, begun in _open beside the checks, go on into the weights' own mapping.
-        mapping = swap.held_mapping()
-        if mapping is not None and incoming.mapped is None and swap.stored is not None:
-            map_file_over(path, swap.stored[0], mapping)
-        elif mapping is not None and incoming.mapped is not None and _same_length(mapping, incoming.mapped):
-            incoming.mapped.map_over(mapping)
-        else:
-            # Copies: the disk reads end first, and the copies then come from the page cache (pread beside
-            # them fought them for the disk: 3.5x the read, not 1.2x); a read that failed (the file cut
-            # short under us) is raised before anything changes.
-            incoming.ready()
-            _write(swap, incoming.where, staged)
-        for path, (module, rank) in swap.targeted.items():
-            _set_scaling(module, adapter_name, alphas[path], rank, new.use_rslora, not as_peft)
+        _change(swap, incoming, staged)
+        for layer_path, (module, rank) in swap.targeted.items():
+            _set_scaling(module, adapter_name, alphas[layer_path], rank, new.use_rslora, not as_peft)
         if not as_peft:
             held = {p: (swap.held[p], rank, alphas[p]) for p, (_, rank) in swap.targeted.items()}
             _replace_config(old, _held_config(new, held))
     finally:
         incoming.done()
+
+
+def _kept_or_open(tuned: nn.Module, name: str, config: Any, directory: str) -> tuple[Plan | None, Incoming]:
+    """The plan kept from the last swap when it holds for the model and for the file (laid out as the one
+    it was made for: its checks hold, nothing to parse or select), with the file unopened; otherwise no
+    plan, and the file opened (`_open`)."""
+    kept = cached_plan(tuned, name, config)
+    path = os.path.join(directory, ADAPTER_WEIGHTS)
+    if kept is not None and _stored(path) == kept.stored:
+        return kept, Incoming(path, {}, None)
+    return None, _open(directory, name)
+
+
+def _change(swap: Plan, incoming: Incoming, staged: dict[int, torch.Tensor]) -> None:
+    """The swap's one change to the weights. Weights that are views of the file they were loaded from,
+    each where the new file has its own, get the new file mapped over the old one, in place (same
+    addresses, no byte copied; a cold file's reads, begun in `_open` beside the checks, go on into the
+    weights' own mapping). Others are written: the disk reads end first, so the copies come from the page
+    cache (pread beside them fought them for the disk: 3.5x the read, not 1.2x), and a read that failed
+    (the file cut short under us) is raised before anything changes."""
+    mapping = swap.held_mapping()
+    if mapping is not None and incoming.mapped is None and swap.stored is not None:
+        map_file_over(incoming.where, swap.stored[0], mapping)
+    elif mapping is not None and incoming.mapped is not None and _same_length(mapping, incoming.mapped):
+        incoming.mapped.map_over(mapping)
+    else:
+        incoming.ready()
+        _write(swap, incoming.where, staged)
 
 
 def _write(swap: Plan, where: str, staged: dict[int, torch.Tensor]) -> None:
