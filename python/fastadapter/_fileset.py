@@ -7,6 +7,7 @@ the old files were never touched.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import secrets
@@ -57,6 +58,33 @@ def hidden_temp_path(directory: str, name: str) -> str:
     before it is renamed into place. The Rust core names its temp files and staging directories the same
     way, and its stale-staging cleanup reads the pid from that name (a dead writer's leftovers go)."""
     return os.path.join(directory, f".{name}.tmp-{os.getpid()}-{secrets.token_hex(8)}")
+
+
+def remove_stale_temps(directory: str, name: str) -> None:
+    """Temp files and staging directories of earlier writes of `name` (`hidden_temp_path`) whose writer is
+    gone (killed, or its save failed on another rank): never published, so never read; this frees their
+    space. One of a live process on this host is left alone: it may still be writing."""
+    prefix = f".{name}.tmp-"
+    for entry in os.listdir(directory):
+        pid, _, token = entry.removeprefix(prefix).partition("-")
+        if not entry.startswith(prefix) or not pid.isdigit() or len(token) != 16 or _alive(int(pid)):
+            continue
+        path = os.path.join(directory, entry)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def require_shared(path: str, rank: int, remedy: str) -> None:

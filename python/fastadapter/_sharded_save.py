@@ -38,7 +38,7 @@ import torch.distributed as dist
 
 from . import _core
 from ._dtypes import TORCH_TO_SAFETENSORS
-from ._fileset import FileSet, hidden_temp_path, require_shared
+from ._fileset import FileSet, hidden_temp_path, remove_stale_temps, require_shared
 from ._sharded import full_tensors, is_sharded
 from .errors import RankFailedError, SharedStorageError, TensorError
 from .save import PlannedFile, stage_weights
@@ -242,6 +242,7 @@ def _local_block(
 
 def _stage(w: _Weights, fsync: bool) -> Any:
     directory, name = os.path.split(w.target)
+    remove_stale_temps(directory, name)  # left by a save whose coordinator was killed
     return _core.stage_sized(w.target, hidden_temp_path(directory, name), w.header, w.length, fsync)
 
 

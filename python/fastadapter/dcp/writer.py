@@ -25,7 +25,6 @@ import errno
 import io
 import json
 import os
-import shutil
 import threading
 import uuid
 from collections.abc import Mapping
@@ -41,7 +40,7 @@ from torch.futures import Future
 
 from .. import _core
 from .._dtypes import TORCH_TO_SAFETENSORS
-from .._fileset import hidden_temp_path, require_shared
+from .._fileset import hidden_temp_path, remove_stale_temps, require_shared
 from ..errors import NotADirectoryPathError, TensorError
 from ..names import SAFETENSORS_INDEX
 from ._layout import Place, RankPlan, index_json, plan_files, tensors_of
@@ -366,34 +365,10 @@ def _make_staging(path: str) -> str:
     target = os.path.abspath(path)
     parent, name = os.path.split(target)
     os.makedirs(parent, exist_ok=True)
-    _remove_stale_staging(parent, name)
+    remove_stale_temps(parent, name)
     staging = hidden_temp_path(parent, name)
     os.mkdir(staging)
     return staging
-
-
-def _remove_stale_staging(parent: str, name: str) -> None:
-    """Staging directories of earlier saves to the same path whose coordinator is gone (killed, or its
-    save failed on some rank): never published, so never read; this frees their space. One of a live
-    process on this host is left alone: it may still be writing."""
-    prefix = f".{name}.tmp-"
-    for entry in os.listdir(parent):
-        pid, _, token = entry.removeprefix(prefix).partition("-")
-        if not entry.startswith(prefix) or not pid.isdigit() or len(token) != 16:
-            continue
-        if _alive(int(pid)):
-            continue
-        shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _is_checkpoint_file(name: str) -> bool:
