@@ -32,7 +32,7 @@ from torch import nn
 from ._core import SafetensorsFile, map_file_over, read_chunks
 from ._device_load import to_devices
 from ._inject import pattern_key
-from ._read import Incoming, _check_all_selected, read_weights, renames
+from ._read import Incoming, read_weights, select_records
 from ._swap_plan import (
     RANK_DIM,
     Layer,
@@ -46,7 +46,7 @@ from ._swap_plan import (
 )
 from .errors import TensorError
 from .hosts import AdapterHost, host_for
-from .names import ADAPTER_WEIGHTS, DEFAULT_ADAPTER, PEFT_PREFIX
+from .names import ADAPTER_WEIGHTS, DEFAULT_ADAPTER
 
 # What must match between the adapter held and the file: settings the forward reads besides the
 # weights and the scaling (PEFT's CONFIG_KEYS_TO_CHECK, less alpha_pattern: scaling is per layer here).
@@ -309,12 +309,7 @@ def _stored(path: str) -> tuple[bytes, int] | None:
 def _records(incoming: Incoming, name: str) -> list[Record] | None:
     """The safetensors file's tensors for adapter `name`, each key as the model holds it (None for a
     `.bin` file, whose tensors `_open` read)."""
-    file = incoming.mapped
-    if file is None:
-        return None
-    records = file.select(prefix=PEFT_PREFIX, renames=renames(name))
-    _check_all_selected(incoming.where, len(records), len(file), lambda: (e[0] for e in file.entries()))
-    return records
+    return None if incoming.mapped is None else select_records(incoming.mapped, name)
 
 
 def _set_scaling(module: Any, name: str, alpha: float, rank: int, rslora: bool, set_alpha: bool) -> None:

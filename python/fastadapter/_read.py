@@ -74,6 +74,14 @@ def _check_all_selected(path: str, selected: int, total: int, keys: Callable[[],
         )
 
 
+def select_records(file: SafetensorsFile, name: str) -> list[tuple[str, str, list[int], int, int]]:
+    """The safetensors file's tensors for adapter `name`, each key as the model holds it; refused when a
+    tensor is not under PEFT's prefix."""
+    records = file.select(prefix=PEFT_PREFIX, renames=renames(name))
+    _check_all_selected(str(file.path), len(records), len(file), lambda: (e[0] for e in file.entries()))
+    return records
+
+
 def read_weights(adapter_dir: str, name: str) -> Incoming:
     """The adapter's tensors for adapter name `name`. safetensors tensors are views of one private mapping
     whose pages a background thread maps in while the caller builds the layers (on another core), until
@@ -82,8 +90,7 @@ def read_weights(adapter_dir: str, name: str) -> Incoming:
     path = os.path.join(adapter_dir, ADAPTER_WEIGHTS)
     if os.path.isfile(path):
         file = SafetensorsFile(path)
-        records = file.select(prefix=PEFT_PREFIX, renames=renames(name))
-        _check_all_selected(path, len(records), len(file), lambda: (e[0] for e in file.entries()))
+        records = select_records(file, name)
         cold = file.prefetch()
         return Incoming(path, mapped_tensors(file, records), file, cold)
     bin_path = os.path.join(adapter_dir, ADAPTER_WEIGHTS_BIN)
