@@ -17,7 +17,8 @@ each adapter r=16 on q/k/v/o (8 MB in fp32), written once with random weights.
 - hotswap: `fastadapter.hotswap` vs PEFT's `hotswap_adapter` on a PeftModel (same file, warm cache), per
   host and per kind of weights (see `swap_model`), and two floors: read the file once (one `read()` into
   a page-aligned buffer), and the copy alone that a swap into weights of their own makes (`read_chunks`
-  of every tensor into its weight, planned beforehand).
+  of every tensor into its weight, planned beforehand). Each contender's rounds alternate with the
+  floor's, and its ratio is to the floor of its own rounds.
 """
 
 from __future__ import annotations
@@ -214,45 +215,59 @@ def copy_chunks(path: Path, model: nn.Module, name: str) -> list[Any]:
     return chunks
 
 
-def copy_time(files: list[Path], model: nn.Module, name: str, rounds: int) -> float:
-    from fastadapter._core import read_chunks
-
-    chunks = [copy_chunks(f, model, name) for f in files]
-    return statistics.median(
-        timed(partial(read_chunks, str(files[i % 2]), chunks[i % 2])) for i in range(rounds)
-    )
+def interleaved(fns: list[Callable[[int], Any]], rounds: int) -> list[float]:
+    """Medians of `fns` timed round by round in turn: a contender and its floor see the same moments of
+    this VM, whose speed moves by up to 2x within minutes."""
+    times: list[list[float]] = [[] for _ in fns]
+    for i in range(rounds):
+        for fn, out in zip(fns, times, strict=True):
+            out.append(timed(partial(fn, i)))
+    return [statistics.median(t) for t in times]
 
 
 HOTSWAP_HOSTS = ("peft", "peft_second", "transformers", "fastadapter", "peft_hotswap_adapter")
 
 
 def bench_hotswap(dirs: list[Path], rounds: int = 20) -> dict[str, Any]:
+    """Each contender's swaps alternate with the floor's reads (the same file), so every ratio compares
+    rounds taken side by side; `floor_read_once` is the median over all of them."""
+    from fastadapter._core import read_chunks
+
     rows: dict[str, Any] = {}
     files = [d / "adapter_model.safetensors" for d in dirs[1:3]]
     # Page-aligned memory: the kernel's copy into a `bytearray` (malloc'd, 16 bytes past a page) ran
     # 1.3-4x slower here than into aligned memory, depending on where malloc put it.
     buffer = mmap.mmap(-1, files[0].stat().st_size)
-    floor = statistics.median(timed(lambda: read_once(files[i % 2], buffer)) for i in range(rounds))  # noqa: B023
-    rows["floor_read_once"] = floor * 1e3
+
+    def floor(i: int) -> None:
+        read_once(files[i % 2], buffer)
+
+    floors: list[float] = []
     for host in HOTSWAP_HOSTS:
         model, name = swap_model(host, dirs)
         swap = partial(swap_with_peft if host == "peft_hotswap_adapter" else fastadapter.hotswap, model)
         swap(dirs[1], name)
-        t = statistics.median(timed(lambda: swap(dirs[1 + i % 2], name)) for i in range(rounds))  # noqa: B023
-        rows[host] = t * 1e3
+        t, f = interleaved([lambda i: swap(dirs[1 + i % 2], name), floor], rounds)  # noqa: B023
+        rows[host], rows[f"floor_{host}"] = t * 1e3, f * 1e3
+        floors.append(f)
         if host == "peft":
-            rows["floor_copy_into_weights"] = copy_time(files, model, name, rounds) * 1e3
+            chunks = [copy_chunks(path, model, name) for path in files]
+            c, f = interleaved([lambda i: read_chunks(str(files[i % 2]), chunks[i % 2]), floor], rounds)  # noqa: B023
+            rows["floor_copy_into_weights"], rows["floor_copy"] = c * 1e3, f * 1e3
+            floors.append(f)
+    rows["floor_read_once"] = statistics.median(floors) * 1e3
     for host in HOTSWAP_HOSTS:
         print(
-            f"hotswap {host:20s} {rows[host]:8.2f} ms  /floor {rows[host] / rows['floor_read_once']:6.2f}  "
+            f"hotswap {host:20s} {rows[host]:8.2f} ms  /floor {rows[host] / rows[f'floor_{host}']:6.2f}  "
+            f"(floor {rows[f'floor_{host}']:5.2f} ms)  "
             f"peft_hotswap_adapter/this {rows['peft_hotswap_adapter'] / rows[host]:6.1f}",
             flush=True,
         )
-    print(f"hotswap floor (read the file once)  {rows['floor_read_once']:8.2f} ms", flush=True)
     copy = rows["floor_copy_into_weights"]
     print(
-        f"hotswap copy into the weights only  {copy:8.2f} ms  (peft_hotswap_adapter / it "
-        f"{rows['peft_hotswap_adapter'] / copy:.1f})",
+        f"hotswap copy into the weights only  {copy:8.2f} ms  /floor {copy / rows['floor_copy']:6.2f}  "
+        f"(floor {rows['floor_copy']:5.2f} ms)  "
+        f"peft_hotswap_adapter / it {rows['peft_hotswap_adapter'] / copy:.1f}",
         flush=True,
     )
     return rows

@@ -61,6 +61,8 @@ DEFAULTS: dict[str, Any] = {
     "use_rslora": False,
     "velora_config": None,
 }
+# Defaults a parsed config may change in place (containers): each config gets its own copy.
+_MUTABLE_DEFAULTS = frozenset(k for k, v in DEFAULTS.items() if isinstance(v, (dict, list, set)))
 
 # LoRA options and variants fastadapter does not implement: only their default value is accepted.
 UNSUPPORTED = (
@@ -173,7 +175,7 @@ def parse_config(raw: Mapping[str, Any], where: str = "adapter config") -> Adapt
         raise UnsupportedAdapterError(
             f"{where}: peft_type {peft_type!r} is not supported; fastadapter loads LoRA adapters only"
         )
-    values = copy.deepcopy(DEFAULTS)
+    values = {k: copy.deepcopy(v) if k in _MUTABLE_DEFAULTS else v for k, v in DEFAULTS.items()}
     for key, value in raw.items():
         if key not in DEFAULTS and not _is_empty(value):
             raise UnsupportedAdapterError(

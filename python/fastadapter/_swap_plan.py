@@ -115,11 +115,14 @@ class Plan:
     def holds(self, config: Any) -> bool:
         if self.stored is None or config is not self.config:
             return False
+        walked, counts = self._size_columns
         dicts, keys, values = self._guard_columns
         # Thousands of entries on a large model: map() iterates in C; `is_` compares identities.
-        return all(len(d) == n for d, n in self.sizes) and all(
-            map(operator.is_, map(dict.get, dicts, keys), values)
-        )
+        return list(map(len, walked)) == counts and all(map(operator.is_, map(dict.get, dicts, keys), values))
+
+    @functools.cached_property
+    def _size_columns(self) -> tuple[list[dict[str, Any]], list[int]]:
+        return [d for d, _ in self.sizes], [n for _, n in self.sizes]
 
     @functools.cached_property
     def _guard_columns(self) -> tuple[list[dict[str, Any]], list[str], list[Any]]:
