@@ -129,20 +129,28 @@ class FileSet:
     def __enter__(self) -> FileSet:
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def commit(self) -> None:
+        """Rename every staged file into place, in the order staged; whatever is left is discarded."""
         staged, self._staged = self._staged, []
-        if exc_type is not None:
-            for s in staged:
-                s.discard()
-            return
         try:
             for s in staged:
                 s.commit()
         finally:
             for s in staged:
                 s.discard()
+
+    def discard(self) -> None:
+        staged, self._staged = self._staged, []
+        for s in staged:
+            s.discard()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc_type is not None:
+            self.discard()
+        else:
+            self.commit()

@@ -2,7 +2,7 @@
 rank: each rank writes its own slices of `adapter_model.safetensors` straight to their offsets, all ranks
 at once, instead of every rank gathering the adapter for one to write it.
 
-Every rank takes part in the same two exchanges (`all_gather_object`), whatever fails where:
+Every rank takes part in the same exchanges (`all_gather_object`), whatever fails where:
 1. Each rank plans every weights file by itself: the header the unsharded save writes (the Rust layout)
    and the block of each tensor it holds. Each main rank stages the file under a hidden temp name, sized,
    its header written. Exchanged: who is main, their temp names, whether every placement is one this
@@ -11,7 +11,8 @@ Every rank takes part in the same two exchanges (`all_gather_object`), whatever 
    every other rank checks that it sees the coordinator's temp files; every rank writes its blocks
    (`_core.write_chunks`, GIL released, fsync'ed by the writer when asked). Exchanged: done, not shared,
    or the error.
-3. All done: the coordinator publishes every file together (`FileSet`: renames, fsync when asked). An
+3. All done: the coordinator publishes every file together (`FileSet`: renames, fsync when asked).
+   Exchanged: whether the publish succeeded, so that a failed rename or fsync raises on every rank. An
    error anywhere: every rank raises (the failing one its own error, the others `RankFailedError`), the
    temp files are removed and the previous files stay as they were.
 
@@ -152,10 +153,11 @@ def _write_in_place(
     save_directory: str,
 ) -> None:
     """Every rank writes its blocks into the coordinator's temp files; the coordinator publishes them
-    with the small files once every rank reported success."""
+    with the small files once every rank reported success, and tells every rank whether it could."""
     rank = dist.get_rank()
     own: Exception | None = None
-    with FileSet() as files:
+    files = FileSet()
+    try:
         try:
             if coordinator:
                 pending = iter(staged)
@@ -178,7 +180,17 @@ def _write_in_place(
         _raise_if_failed(outcomes, own, save_directory)
         if any(o.unshared for o in outcomes):
             raise _NotShared  # discards what this rank staged
-        # Leaving the block publishes the coordinator's files (the others staged none).
+        # The publish (renames, fsyncs) can fail too, on the coordinator only: the others learn it here
+        # instead of returning as if the files were saved.
+        published = _Outcome()
+        if coordinator:
+            try:
+                files.commit()
+            except Exception as e:
+                own, published = e, _Outcome(error=_describe(e))
+        _raise_if_failed(_exchange(published), own, save_directory, "could not publish the written files")
+    finally:
+        files.discard()  # what is left after a failure; nothing after the commit
 
 
 def _plan(target: str, weights: dict[str, torch.Tensor]) -> _Weights:
@@ -300,13 +312,15 @@ def _exchange(mine: Any) -> list[Any]:
     return out
 
 
-def _raise_if_failed(reports: list[Any], own: Exception | None, directory: str) -> None:
+def _raise_if_failed(
+    reports: list[Any], own: Exception | None, directory: str, what: str = "failed, so nothing was published"
+) -> None:
     if own is not None:
         raise own
     failed = [(r, report.error) for r, report in enumerate(reports) if report.error is not None]
     if failed:
         rank, error = failed[0]
-        raise RankFailedError(f"saving {directory}: rank {rank} failed, so nothing was published: {error}")
+        raise RankFailedError(f"saving {directory}: rank {rank} {what}: {error}")
 
 
 def _check_same_adapter(plans: list[_Plan], directory: str) -> None:

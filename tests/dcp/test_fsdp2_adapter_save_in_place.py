@@ -2,10 +2,11 @@
 directory equals PEFT's `save_pretrained` of the same model unsharded, byte for byte, on 2 and 4 gloo
 ranks, fp32 and bf16, with uneven and empty shards, without any rank gathering (`full_tensor` is made to
 raise). Tensor-parallel placements (`Shard(1)`, `Replicate`, a 2-D mesh) given as `state_dict=` are
-written in place too; `Partial` falls back to the gather. A rank failing mid-write makes every rank
-raise and leaves the previous directory as it was; a rank that cannot see the coordinator's file (storage
-not shared) makes the save fall back to the gather, with the same bytes. `is_main_process`: several main
-ranks publish one copy, none publishes nothing."""
+written in place too; `Partial` falls back to the gather. A rank failing mid-write, or the coordinator's
+publish failing after every rank wrote, makes every rank raise and leaves the previous directory as it
+was; a rank that cannot see the coordinator's file (storage not shared) makes the save fall back to the
+gather, with the same bytes. `is_main_process`: several main ranks publish one copy, none publishes
+nothing."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distrib
 
 import fastadapter
 from fastadapter import _core, _sharded_save
+from fastadapter._fileset import FileSet
 from fastadapter.errors import RankFailedError
 from helpers import (
     CONFIG,
@@ -163,6 +165,21 @@ def fail_or_fall_back(rank: int, world: int, root: Path) -> None:
         dist.barrier()  # every rank has looked before rank 0 stages the next save's file
         assert after == before, failing
         assert left == [], failing
+
+    # Every rank wrote, then the coordinator's publish (its renames, fsyncs) fails: every rank raises.
+    class PublishFails(FileSet):
+        def commit(self) -> None:
+            raise OSError(errno.EIO, "Input/output error", str(out / SAFETENSORS))
+
+    with patched(_sharded_save, "FileSet", PublishFails if rank == 0 else FileSet):
+        expected = OSError if rank == 0 else RankFailedError
+        with pytest.raises(expected, match=f"Input/output error: '{out / SAFETENSORS}'"):
+            fastadapter.save(model, out, is_main_process=rank == 0)
+    dist.barrier()
+    after, left = snapshot(out), leftovers(out)
+    dist.barrier()
+    assert after == before
+    assert left == []
 
     # Rank 1 as if on a node that does not share the file system: it cannot see the coordinator's file.
     exchange = _sharded_save._exchange
