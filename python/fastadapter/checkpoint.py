@@ -19,6 +19,15 @@ What is written:
 Ranks: only rank 0 writes a checkpoint of shared weights (other ranks' `save` returns at once);
 with `per_rank=True` every rank writes its own part as `checkpoint-<step>/rank-<r>-of-<n>/`, each
 part published atomically, and the step counts as complete once all parts are there.
+
+Sharded models and adapters (DTensors: FSDP2, tensor parallel) in a torch.distributed job are saved by
+every rank through torch.distributed.checkpoint and `fastadapter.dcp.StorageWriter` (`dcp.async_save`,
+or `dcp.save` with `async_save=False`: one code path): each rank writes its own shards straight into
+the final files, nothing is gathered, and the coordinator publishes the checkpoint directory. The files
+are the same as above: a sharded adapter's checkpoint holds `fastadapter.save`'s files, byte for byte
+(the plugin's `layout` names PEFT's files and keys); a full model's, the consolidated
+`model.safetensors`. A failure raises on every rank (the failing rank's own error, the others
+`RankFailedError`) and leaves the previous checkpoints as they were. `load` gives each rank its shards.
 """
 
 from __future__ import annotations
@@ -63,13 +72,15 @@ class _Pending:
 
 
 class _DcpJob:
-    """A checkpoint being written by `torch.distributed.checkpoint.async_save` (or already written by
-    `save`): the `CheckpointJob` interface the Checkpointer waits on."""
+    """A checkpoint being written by `torch.distributed.checkpoint.async_save` (or by `save`, through
+    `run`): the `CheckpointJob` interface the Checkpointer waits on."""
 
-    def __init__(self, step: int, future: Any, after: Any) -> None:
+    def __init__(self, step: int, future: Any, after: Any, writer: Any, rank: int) -> None:
         self.step = step
         self._future = future
         self._after = after
+        self._writer = writer
+        self._rank = rank
 
     def done(self) -> bool:
         return self._future is None or bool(self._future.done())
@@ -77,8 +88,23 @@ class _DcpJob:
     def wait(self) -> None:
         if self._future is not None:
             future, self._future = self._future, None
-            future.result()
-            self._after()
+            self.run(future.result)
+
+    def run(self, save: Any) -> None:
+        """`save()`, then `after` once it succeeded. DCP's `CheckpointException` (every rank gets it) is
+        raised as this rank's own error where this rank failed, else as `RankFailedError` naming the rank
+        that did; the coordinator's staging directory is removed."""
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        try:
+            save()
+        except CheckpointException as e:
+            self._writer.discard()
+            raise _rank_error(e, self._rank, self._writer.path) from e
+        except BaseException:
+            self._writer.discard()
+            raise
+        self._after()
 
 
 class Checkpointer:
@@ -158,20 +184,10 @@ class Checkpointer:
         meta: dict[str, Any] = {"format": FORMAT, "version": 1, "step": step}
         if extra is not None:
             meta["extra"] = dict(extra)
-        sharded = _is_sharded(model_or_state_dict)
-        if sharded and not per_rank and not _has_adapters(model_or_state_dict):
+        if not per_rank and _is_sharded(model_or_state_dict):
             self._save_dcp(step, model_or_state_dict, meta, files)  # every rank writes its own shards
             return
         if self.rank != 0 and not per_rank:
-            if sharded:
-                # Gathering a sharded adapter is a collective: every rank takes part, rank 0 writes it.
-                from torch import nn
-
-                from .save import adapter_files
-
-                assert isinstance(model_or_state_dict, nn.Module)  # adapters live in modules
-                for _ in adapter_files(model_or_state_dict, self.path(step), is_main_process=False):
-                    pass
             return  # shared files are written by rank 0 only
         big, small = self._plan(step, model_or_state_dict, meta, per_rank)
         small.append((META_NAME, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()))
@@ -238,43 +254,42 @@ class Checkpointer:
             _core.rotate_checkpoints(self.root, self.keep_last, step)
 
     def _save_dcp(self, step: int, obj: Any, meta: dict[str, Any], files: Mapping[str, bytes] | None) -> None:
-        """A sharded model (FSDP2, tensor parallel: DTensors) through `torch.distributed.checkpoint` and
-        fastadapter's plugin: every rank writes its own shards straight into the consolidated
-        `model.safetensors`, published atomically as `checkpoint-<step>` with this checkpoint's small
-        files. Asynchronous unless `async_save=False`: DCP stages a copy and writes on a thread."""
-        from torch import nn
+        """A sharded model or adapter (FSDP2, tensor parallel: DTensors) through
+        `torch.distributed.checkpoint` and fastadapter's plugin: every rank writes its own shards straight
+        into the final files, published atomically as `checkpoint-<step>` with this checkpoint's small
+        files. An adapter's files are `fastadapter.save`'s (PEFT's `adapter_model.safetensors`, byte for
+        byte), and nothing is gathered. Asynchronous unless `async_save=False`: DCP stages a copy and
+        writes on a thread. A failure raises on every rank: the failing rank's own error, the others'
+        `RankFailedError`; the previous checkpoints stay as they were."""
         from torch.distributed.checkpoint.state_dict_saver import async_save, save
 
         from .dcp import StorageWriter
 
-        meta["kind"] = "full"
-        small: dict[str, bytes] = {}
-        if isinstance(obj, nn.Module):
-            state = obj.state_dict()
-            config = getattr(obj, "config", None)
-            if config is not None and callable(getattr(config, "to_json_string", None)):
-                small["config.json"] = config.to_json_string(use_diff=True).encode()
+        if _has_adapters(obj):
+            meta["kind"] = "adapter"
+            state, layout, small = _sharded_adapter(obj, self.path(step))
         else:
-            state = dict(obj)
+            meta["kind"] = "full"
+            state, layout, small = _full_state(obj), None, _config_file(obj)
+        taken = set(small) | {file for file, _ in (layout or {}).values()}
         small[META_NAME] = (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()
         for name, data in (files or {}).items():
-            if name in small:
+            if name in taken or name == META_NAME:
                 raise ValueError(f"extra file {name!r} clashes with a checkpoint file")
             small[name] = bytes(data)
-        writer = StorageWriter(self.path(step), sync_files=self.fsync, extra_files=small)
+        writer = StorageWriter(self.path(step), sync_files=self.fsync, extra_files=small, layout=layout)
         # DCP saves are collectives: one at a time, in the same order on every rank.
         self.wait()
 
-        def rotate() -> None:
+        def published() -> None:
             if self.rank == 0 and self.keep_last is not None:
                 _core.rotate_checkpoints(self.root, self.keep_last, step)
 
         if self.async_save:
             future = async_save(state, storage_writer=writer)
-            self._pending.append(_Pending(_DcpJob(step, future, rotate), None))
+            self._pending.append(_Pending(_DcpJob(step, future, published, writer, self.rank), None))
         else:
-            save(state, storage_writer=writer)
-            rotate()
+            _DcpJob(step, None, published, writer, self.rank).run(lambda: save(state, storage_writer=writer))
 
     def _plan(
         self, step: int, obj: Any, meta: dict[str, Any], per_rank: bool
@@ -559,6 +574,55 @@ def _in_place(
     if any(not name or name in (".", "..") or "/" in name or os.sep in name for name in names):
         return False
     return all(t.device.type == "cpu" for _, tensors, _ in big for t in tensors.values())
+
+
+def _sharded_adapter(
+    model: nn.Module, final: str
+) -> tuple[dict[str, torch.Tensor], dict[str, tuple[str, str]], dict[str, bytes]]:
+    """The files `fastadapter.save` writes for `model`'s sharded adapters, for the DCP plugin: the
+    tensors of every weights file as they are (DTensors: nothing gathered), where each goes (file, name
+    in it), and the small files (config, model card)."""
+    from .save import adapter_files
+
+    state: dict[str, torch.Tensor] = {}
+    layout: dict[str, tuple[str, str]] = {}
+    small: dict[str, bytes] = {}
+    for name, payload in adapter_files(model, final, gather=False):
+        if isinstance(payload, bytes):
+            small[name] = payload
+            continue
+        subdir = os.path.dirname(name)
+        for key, t in payload.items():
+            fqn = f"{subdir}/{key}" if subdir else key  # adapters in subdirectories have the same keys
+            state[fqn] = t.detach()
+            layout[fqn] = (name, key)
+    return state, layout, small
+
+
+def _full_state(obj: Any) -> dict[str, torch.Tensor]:
+    from torch import nn
+
+    return obj.state_dict() if isinstance(obj, nn.Module) else dict(obj)
+
+
+def _config_file(obj: Any) -> dict[str, bytes]:
+    """`config.json` of a transformers model, as `save_pretrained` writes it, for `from_pretrained`."""
+    config = getattr(obj, "config", None)
+    if config is not None and callable(getattr(config, "to_json_string", None)):
+        return {"config.json": config.to_json_string(use_diff=True).encode()}
+    return {}
+
+
+def _rank_error(e: Any, rank: int, path: str) -> BaseException:
+    failures: dict[int, tuple[BaseException, Any]] = e.failures
+    if rank in failures:
+        return failures[rank][0]
+    from .errors import RankFailedError
+
+    failed, (error, _) = min(failures.items())
+    return RankFailedError(
+        f"saving {path}: rank {failed} failed, so nothing was published: {type(error).__name__}: {error}"
+    )
 
 
 def _has_adapters(obj: Any) -> bool:

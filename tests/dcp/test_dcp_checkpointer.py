@@ -1,20 +1,50 @@
 """`Checkpointer` in a torch.distributed job with FSDP2-sharded models: a full model goes through
 `fastadapter.dcp` (every rank writes its shards into one consolidated checkpoint, asynchronously, rotated
-by `keep_last`) and loads back into the sharded model; a sharded adapter is gathered by every rank and
-written by rank 0 as PEFT writes it for the unsharded model."""
+by `keep_last`) and loads back into the sharded model. A sharded adapter goes the same way, nothing
+gathered (`full_tensor` and the all-gathers are made to raise): with `async_save` True and False the
+checkpoint holds PEFT's files for the unsharded model byte for byte (an adapter in a subdirectory too),
+loads back into a fresh sharded model shard for shard, and a rank failing mid-save or the coordinator's
+publish failing raises on every rank and leaves the previous checkpoints as they were."""
 
 from __future__ import annotations
 
+import errno
+import json
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
+import pytest
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+import torch.distributed.distributed_c10d as c10d
 from _dist import run_ranks
+from peft import PeftModel
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
 from transformers import LlamaForCausalLM
 
-from fastadapter import Checkpointer
-from helpers import lora_config, make_peft, tiny_llama, token_ids
+from fastadapter import Checkpointer, _core
+from fastadapter.errors import RankFailedError
+from helpers import (
+    CONFIG,
+    SAFETENSORS,
+    add_perturbed_adapter,
+    assert_same_config,
+    leftovers,
+    lora_config,
+    make_peft,
+    snapshot,
+    tiny_llama,
+    token_ids,
+    tree,
+)
+
+# r=3 splits 2/1 over 2 ranks (uneven); down_proj's r=1 leaves rank 1 empty lora_A shards.
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+CHECKPOINT_FILES = {"fastadapter_checkpoint.json", "trainer_state.json"}
 
 
 def sharded_llama(seed: int) -> torch.nn.Module:
@@ -23,6 +53,49 @@ def sharded_llama(seed: int) -> torch.nn.Module:
         fully_shard(layer)
     fully_shard(model)
     return model
+
+
+def peft_model(seed: int) -> PeftModel:
+    """Adapter "default" at the top of PEFT's directory, "other" in its subdirectory."""
+    config = lora_config(r=3, lora_alpha=6, target_modules=TARGETS, rank_pattern={"down_proj": 1})
+    model = make_peft(tiny_llama(seed=0), config, seed=seed)
+    add_perturbed_adapter(model, "other", lora_config(), seed=seed + 1)
+    return model
+
+
+def shard(model: PeftModel) -> None:
+    for layer in model.base_model.model.model.layers:
+        fully_shard(layer)
+    fully_shard(model)
+
+
+def lora_shards(model: PeftModel) -> dict[str, torch.Tensor]:
+    return {k: v.to_local() for k, v in model.state_dict().items() if "lora_" in k}
+
+
+@contextmanager
+def patched(owner: Any, name: str, replacement: Callable[..., Any]) -> Iterator[None]:
+    original = getattr(owner, name)
+    setattr(owner, name, replacement)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+def no_gather() -> ExitStack:
+    """Every way to gather a tensor raises (`full_tensor`, DTensor's all-gather, FSDP2's): DCP's object
+    exchanges (`all_gather_object` and the like, through `all_gather`) still work."""
+
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a rank gathered a tensor")
+
+    stack = ExitStack()
+    stack.enter_context(patched(DTensor, "full_tensor", refuse))
+    stack.enter_context(patched(funcol, "all_gather_tensor", refuse))
+    stack.enter_context(patched(c10d, "all_gather_into_tensor", refuse))
+    stack.enter_context(patched(dist, "all_gather_into_tensor", refuse))
+    return stack
 
 
 def full_checkpoints(rank: int, world: int, root: Path) -> None:
@@ -37,19 +110,80 @@ def full_checkpoints(rank: int, world: int, root: Path) -> None:
         expected = tiny_llama(seed=2).state_dict()
         for name, t in model.state_dict().items():
             assert torch.equal(t.full_tensor(), expected[name]), name
-    peft = make_peft(tiny_llama(seed=0), lora_config(), seed=5)
+
+
+def adapter_checkpoints(rank: int, world: int, root: Path) -> None:
+    model = peft_model(seed=5)
     if rank == 0:
-        peft.save_pretrained(root / "peft_unsharded")
-    for layer in peft.base_model.model.model.layers:
-        fully_shard(layer)
-    fully_shard(peft)
-    with Checkpointer(root / "adapter", fsync=False) as ck:
-        ck.save(7, peft)
+        model.save_pretrained(root / "peft_unsharded")
+    shard(model)
+    saved = {k: v.clone() for k, v in lora_shards(model).items()}
+    for async_save in (True, False):
+        out = root / f"adapter-async-{async_save}"
+        with Checkpointer(out, keep_last=2, async_save=async_save) as ck:
+            with no_gather():
+                for step in (1, 2, 3):
+                    ck.save(step, model, files={"trainer_state.json": b'{"step": %d}' % step})
+                    if async_save:
+                        # Training goes on while the checkpoint is written: DCP staged a copy.
+                        with torch.no_grad():
+                            for t in lora_shards(model).values():
+                                t.zero_()
+                        ck.wait()
+                        with torch.no_grad():
+                            for k, t in lora_shards(model).items():
+                                t.copy_(saved[k])
+            dist.barrier()  # rank 0 rotates once its save is published
+            assert ck.steps() == [2, 3]
+            for name in ("default", "other"):
+                fresh = peft_model(seed=9)
+                shard(fresh)
+                ck.load(3, fresh, adapter_name=name)
+                got = lora_shards(fresh)
+                mine = [k for k in saved if f".{name}." in k]
+                assert mine
+                for k in mine:
+                    assert torch.equal(got[k], saved[k]), k
+            failures(rank, ck, model)
+
+
+def failures(rank: int, ck: Checkpointer, model: PeftModel) -> None:
+    """A rank's write failing (either rank), then the coordinator's publish: every rank raises, the
+    previous checkpoints stay byte for byte, no staging directory is left."""
     dist.barrier()
+    before = snapshot(Path(ck.root))
+
+    def disk_full(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    cases = [(1, "write_chunks"), (0, "write_chunks"), (0, "publish_dir")]
+    for failing, function in cases:
+        replacement = disk_full if rank == failing else getattr(_core, function)
+        with patched(_core, function, replacement):
+            expected = OSError if rank == failing else RankFailedError
+            with pytest.raises(expected, match="No space left on device"):
+                save_and_wait(ck, model)
+        dist.barrier()
+        after, left = snapshot(Path(ck.root)), leftovers(Path(ck.root))
+        dist.barrier()  # every rank has looked before the next save stages its directory
+        assert after == before, (failing, function)
+        assert left == [], (failing, function)
+        assert ck.steps() == [2, 3]
+
+
+def save_and_wait(ck: Checkpointer, model: PeftModel) -> None:
+    ck.save(4, model)
+    ck.wait()  # where an asynchronous save's failure is raised
+
+
+def checkpoints(rank: int, world: int, root: Path) -> None:
+    full_checkpoints(rank, world, root)
+    adapter_checkpoints(rank, world, root)
 
 
 def test_checkpointer_on_fsdp2_models(tmp_path: Path) -> None:
-    run_ranks(full_checkpoints, 2, tmp_path)
+    """One spawn of 2 ranks for the full model and the adapter (each spawn costs seconds of imports)."""
+    run_ranks(checkpoints, 2, tmp_path)
     step3 = tmp_path / "full" / "checkpoint-3"
     assert sorted(p.name for p in step3.iterdir()) == [
         "config.json",
@@ -61,5 +195,22 @@ def test_checkpointer_on_fsdp2_models(tmp_path: Path) -> None:
     inputs = token_ids()
     with torch.no_grad():
         assert torch.equal(loaded(inputs).logits, tiny_llama(seed=3)(inputs).logits)
-    ours = tmp_path / "adapter" / "checkpoint-7" / "adapter_model.safetensors"
-    assert ours.read_bytes() == (tmp_path / "peft_unsharded" / "adapter_model.safetensors").read_bytes()
+
+    peft = tmp_path / "peft_unsharded"
+    assert tree(peft) == {
+        "README.md",
+        SAFETENSORS,
+        CONFIG,
+        "other/",
+        f"other/{SAFETENSORS}",
+        f"other/{CONFIG}",
+    }
+    for async_save in (True, False):
+        ours = tmp_path / f"adapter-async-{async_save}" / "checkpoint-3"
+        assert tree(ours) == tree(peft) | CHECKPOINT_FILES
+        for rel in (SAFETENSORS, f"other/{SAFETENSORS}", "README.md"):
+            assert (ours / rel).read_bytes() == (peft / rel).read_bytes(), (async_save, rel)
+        for rel in (CONFIG, f"other/{CONFIG}"):
+            assert_same_config(ours / rel, peft / rel)
+        assert (ours / "trainer_state.json").read_bytes() == b'{"step": 3}'
+        assert json.loads((ours / "fastadapter_checkpoint.json").read_text())["kind"] == "adapter"

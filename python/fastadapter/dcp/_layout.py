@@ -76,9 +76,39 @@ def tensors_of(plans: Sequence[SavePlan]) -> dict[str, Tensor]:
 
 
 def plan_files(
-    tensors: Mapping[str, Tensor], fqn_to_index: Mapping[str, int] | None
+    tensors: Mapping[str, Tensor],
+    fqn_to_index: Mapping[str, int] | None,
+    layout: Mapping[str, tuple[str, str]] | None = None,
 ) -> tuple[dict[str, Place], dict[str, bytes]]:
-    """Place every tensor in its file; returns (fqn -> place, file -> header bytes)."""
+    """Place every tensor in its file; returns (fqn -> place, file -> header bytes). `layout` (fqn ->
+    (file, name in it)) names the files and the tensors in them instead of `fqn_to_index`."""
+    if layout is None:
+        where, files = _indexed(tensors, fqn_to_index)
+    else:
+        missing = [fqn for fqn in tensors if fqn not in layout]
+        if missing:
+            raise TensorError(f"tensor `{missing[0]}` has no file in the layout")
+        where = {fqn: layout[fqn] for fqn in tensors}
+        files = list(dict.fromkeys(file for file, _ in layout.values()))
+    by_file: dict[str, list[str]] = {name: [] for name in files}
+    for fqn in tensors:
+        by_file[where[fqn][0]].append(fqn)
+    places: dict[str, Place] = {}
+    headers: dict[str, bytes] = {}
+    for name, fqns in by_file.items():
+        specs = [
+            (where[fqn][1], tensors[fqn].dtype, list(tensors[fqn].shape), tensors[fqn].nbytes) for fqn in fqns
+        ]
+        header, offsets, _ = _core.plan_header(specs, FILE_METADATA)
+        headers[name] = header
+        places.update({fqn: Place(name, off) for fqn, off in zip(fqns, offsets, strict=True)})
+    return places, headers
+
+
+def _indexed(
+    tensors: Mapping[str, Tensor], fqn_to_index: Mapping[str, int] | None
+) -> tuple[dict[str, tuple[str, str]], list[str]]:
+    """(fqn -> (file, fqn), every file) from file indices: `model.safetensors`, or numbered files."""
     index = {fqn: 1 for fqn in tensors} if fqn_to_index is None else dict(fqn_to_index)
     missing = [fqn for fqn in tensors if fqn not in index]
     if missing:
@@ -86,17 +116,7 @@ def plan_files(
     if any(i < 1 for i in index.values()):
         raise TensorError("fqn_to_index_mapping: file indices start at 1")
     names = file_names(list(index.values()))
-    by_file: dict[str, list[str]] = {name: [] for name in names.values()}
-    for fqn in tensors:
-        by_file[names[index[fqn]]].append(fqn)
-    places: dict[str, Place] = {}
-    headers: dict[str, bytes] = {}
-    for name, fqns in by_file.items():
-        specs = [(fqn, tensors[fqn].dtype, list(tensors[fqn].shape), tensors[fqn].nbytes) for fqn in fqns]
-        header, offsets, _ = _core.plan_header(specs, FILE_METADATA)
-        headers[name] = header
-        places.update({fqn: Place(name, off) for fqn, off in zip(fqns, offsets, strict=True)})
-    return places, headers
+    return {fqn: (names[index[fqn]], fqn) for fqn in tensors}, list(names.values())
 
 
 def index_json(tensors: Mapping[str, Tensor], places: Mapping[str, Place]) -> bytes | None:

@@ -25,6 +25,7 @@ import errno
 import io
 import json
 import os
+import shutil
 import threading
 import uuid
 from collections.abc import Mapping
@@ -70,6 +71,9 @@ class StorageWriter(_DcpStorageWriter):
     `path` is swapped out whole. `sync_files`: fsync files and directories before publishing (DCP's
     default). A `path` holding anything but checkpoint files is refused, never replaced.
     `extra_files` (name -> bytes, e.g. `config.json`) are published with the checkpoint, by the coordinator.
+    `layout` (fqn -> (file, tensor name in it), files relative to `path`, subdirectories allowed) puts the
+    tensors in files named otherwise, with no index: the Checkpointer writes a sharded adapter as PEFT's
+    `adapter_model.safetensors` (and `<adapter>/adapter_model.safetensors`) this way.
     """
 
     def __init__(
@@ -80,16 +84,29 @@ class StorageWriter(_DcpStorageWriter):
         fqn_to_index_mapping: Mapping[str, int] | None = None,
         sync_files: bool = True,
         extra_files: Mapping[str, bytes] | None = None,
+        layout: Mapping[str, tuple[str, str]] | None = None,
     ) -> None:
         super().__init__()
+        if layout is not None and (fqn_to_index_mapping is not None or not consolidate):
+            raise ValueError(
+                "layout names the consolidated files: not with fqn_to_index_mapping or consolidate=False"
+            )
         self.path = os.fspath(path)
         self.consolidate = consolidate
         self.fqn_to_index_mapping = dict(fqn_to_index_mapping) if fqn_to_index_mapping is not None else None
         self.sync_files = sync_files
         self.extra_files = dict(extra_files or {})
+        self.layout = dict(layout) if layout is not None else None
         for name in self.extra_files:
-            if not name or "/" in name or name.startswith(".") or _is_checkpoint_file(name):
-                raise ValueError(f"extra file name {name!r}: a plain file name that is not a checkpoint file")
+            if not _is_relative(name) or _is_checkpoint_file(os.path.basename(name)):
+                raise ValueError(
+                    f"extra file name {name!r}: a relative file name that is not a checkpoint file"
+                )
+        for file, _ in (self.layout or {}).values():
+            if not _is_relative(file) or not file.endswith(".safetensors") or file in self.extra_files:
+                raise ValueError(
+                    f"layout file name {file!r}: a relative .safetensors name, not an extra file"
+                )
         self.save_id = str(uuid.uuid4())
         self.is_coordinator = False
         self.rank = 0
@@ -128,7 +145,7 @@ class StorageWriter(_DcpStorageWriter):
 
     def prepare_local_plan(self, plan: SavePlan) -> SavePlan:
         if self.is_coordinator:
-            _check_replaceable(self.path, whole=self.consolidate, ours=self.extra_files)
+            _check_replaceable(self.path, whole=self.consolidate, ours=self._own_names())
         return plan
 
     def prepare_global_plan(self, plans: list[SavePlan]) -> list[SavePlan]:
@@ -138,11 +155,13 @@ class StorageWriter(_DcpStorageWriter):
         if not self.consolidate:
             return [dataclasses.replace(p, storage_data=RankPlan(staging="")) for p in plans]
         tensors = tensors_of(plans)
-        places, headers = plan_files(tensors, self.fqn_to_index_mapping)
+        places, headers = plan_files(tensors, self.fqn_to_index_mapping, self.layout)
         # Created here, before any rank writes: a rank that cannot see it does not share the storage.
         staging = _make_staging(self.path)
         self._staging = staging
-        self._index = index_json(tensors, places)
+        for name in headers:
+            os.makedirs(os.path.join(staging, os.path.dirname(name)), exist_ok=True)
+        self._index = index_json(tensors, places) if self.layout is None else None
         out = []
         for i, plan in enumerate(plans):
             mine = {item.index.fqn for item in plan.items if item.type != WriteItemType.BYTE_IO}
@@ -244,14 +263,29 @@ class StorageWriter(_DcpStorageWriter):
         if objects:
             _write_small(directory, OBJECTS_INDEX, json.dumps(objects, sort_keys=True).encode())
         for name, data in self.extra_files.items():
-            _write_small(directory, name, data)
+            # publish_dir fsyncs the top of the directory; a file further down is fsynced on its own.
+            _write_small(directory, name, data, fsync=self.sync_files and os.path.dirname(name) != "")
         if not self.consolidate:
             return
         if self._index is not None:
             _write_small(directory, SAFETENSORS_INDEX, self._index)
-        _check_replaceable(self.path, whole=True, ours=self.extra_files)
+        if self.sync_files:
+            _sync_subdirectories(directory)
+        _check_replaceable(self.path, whole=True, ours=self._own_names())
         _core.publish_dir(directory, self.path, self.sync_files)
         self._staging = None
+
+    def discard(self) -> None:
+        """After a failed save, on the coordinator: remove its staging directory (DCP calls nothing on
+        failure; every rank's writes have returned by then). Nothing to do once `finish` published it."""
+        staging, self._staging = self._staging, None
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _own_names(self) -> set[str]:
+        """Top-level names this save writes besides checkpoint files: a previous save's are replaceable."""
+        names = [*self.extra_files, *(file for file, _ in (self.layout or {}).values())]
+        return {name.split("/")[0] for name in names}
 
 
 def _world_size() -> int:
@@ -357,8 +391,25 @@ def _write_objects(
     return results
 
 
-def _write_small(directory: str, name: str, data: bytes) -> None:
-    _core.stage_bytes(os.path.join(directory, name), data).commit()
+def _write_small(directory: str, name: str, data: bytes, fsync: bool = False) -> None:
+    path = os.path.join(directory, name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    _core.stage_bytes(path, data, fsync).commit()
+
+
+def _sync_subdirectories(directory: str) -> None:
+    for parent, subdirs, _ in os.walk(directory):
+        for sub in subdirs:
+            fd = os.open(os.path.join(parent, sub), os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def _is_relative(name: str) -> bool:
+    """A path under the checkpoint directory: plain components, none hidden (temp names are)."""
+    return all(part and not part.startswith(".") for part in name.split("/"))
 
 
 def _make_staging(path: str) -> str:
@@ -379,7 +430,7 @@ def _is_checkpoint_file(name: str) -> bool:
     )
 
 
-def _check_replaceable(path: str, whole: bool, ours: Mapping[str, bytes]) -> None:
+def _check_replaceable(path: str, whole: bool, ours: set[str]) -> None:
     """`path` may be absent or a directory; when the save replaces it `whole`, a directory of checkpoint
     files only: anything else there would be lost with it, so it is refused."""
     if os.path.isfile(path):
