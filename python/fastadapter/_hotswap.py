@@ -20,10 +20,12 @@ model holds (the weights are zero-padded: the extra rows / columns contribute no
 
 from __future__ import annotations
 
+import copy
+import enum
 import math
 import os
 import re
-from collections import Counter
+from collections import Counter, OrderedDict
 from typing import Any, Literal
 
 import torch
@@ -46,7 +48,7 @@ from ._swap_plan import (
 )
 from .errors import TensorError
 from .hosts import AdapterHost, host_for
-from .names import ADAPTER_WEIGHTS, DEFAULT_ADAPTER
+from .names import ADAPTER_CONFIG, ADAPTER_WEIGHTS, DEFAULT_ADAPTER
 
 # What must match between the adapter held and the file: settings the forward reads besides the
 # weights and the scaling (PEFT's CONFIG_KEYS_TO_CHECK, less alpha_pattern: scaling is per layer here).
@@ -99,7 +101,7 @@ def _swap(model: nn.Module, directory: str, adapter_name: str, *, as_peft: bool)
     root = _uncompiled(model)
     host = host_for(root)
     old = host.require(adapter_name)
-    new = host.new_config(directory, is_trainable=not old.inference_mode)
+    new = _new_config(host, directory, is_trainable=not old.inference_mode)
     check_compatible(old, new, directory)
     tuned = _tuned(host, root)
     swap, incoming = _kept_or_open(tuned, adapter_name, old, directory)
@@ -122,6 +124,43 @@ def _swap(model: nn.Module, directory: str, adapter_name: str, *, as_peft: bool)
             _replace_config(old, _held_config(new, held))
     finally:
         incoming.done()
+
+
+def _new_config(host: AdapterHost, directory: str, *, is_trainable: bool) -> Any:
+    """The host's config for the adapter in `directory`, built once per content of its config file: a
+    server swaps the same few adapters back and forth, and reading the bytes costs less than parsing and
+    building the config again. Each call gets a copy of its own (the swap hands its fields to the
+    adapter's config)."""
+    try:
+        with open(os.path.join(directory, ADAPTER_CONFIG), "rb") as f:
+            raw = f.read()
+    except OSError:
+        return host.new_config(directory, is_trainable=is_trainable)  # its errors name the problem
+    key = (type(host), raw, is_trainable)
+    built = _CONFIGS.get(key)
+    if built is None:
+        built = host.new_config(directory, is_trainable=is_trainable)
+        _CONFIGS[key] = built
+        while len(_CONFIGS) > _CONFIGS_KEPT:
+            _CONFIGS.popitem(last=False)
+    else:
+        _CONFIGS.move_to_end(key)
+    return _own_copy(built)
+
+
+# (host type, adapter_config.json's bytes, is_trainable) -> the config built from them, latest used last.
+_CONFIGS: OrderedDict[tuple[type, bytes, bool], Any] = OrderedDict()
+_CONFIGS_KEPT = 64
+_IMMUTABLE = (str, int, float, bool, type(None), enum.Enum, frozenset, tuple, bytes)
+
+
+def _own_copy(config: Any) -> Any:
+    out = copy.copy(config)
+    fields = vars(out)
+    for key, value in fields.items():
+        if not isinstance(value, _IMMUTABLE):
+            fields[key] = copy.deepcopy(value)
+    return out
 
 
 def _kept_or_open(tuned: nn.Module, name: str, config: Any, directory: str) -> tuple[Plan | None, Incoming]:
@@ -226,7 +265,9 @@ def prepare_for_hotswap(
 
 
 def _uncompiled(model: nn.Module) -> nn.Module:
-    inner = getattr(model, "_orig_mod", None)  # torch.compile's OptimizedModule
+    # torch.compile's OptimizedModule holds the model as its submodule `_orig_mod`. Asked of `_modules`:
+    # getattr on a PeftModel tries every wrapped model's __getattr__ before it fails.
+    inner = model._modules.get("_orig_mod")
     return inner if isinstance(inner, nn.Module) else model
 
 
@@ -366,8 +407,6 @@ def _held_config(config: Any, held: dict[str, tuple[int, int, float]]) -> Any:
     alpha)): rank R, alpha scaled so each layer keeps its scaling. `config` itself when nothing is padded."""
     if all(big == small for big, small, _ in held.values()):
         return config
-    import copy
-
     out = copy.copy(config) if type(config).__name__ == "AdapterConfig" else copy.deepcopy(config)
     ranks = {p: big for p, (big, _, _) in held.items()}
     alphas = {

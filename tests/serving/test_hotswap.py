@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import fastadapter
+from fastadapter.hosts import host_for
 from helpers import (
     CONFIG,
     SAFETENSORS,
@@ -132,6 +133,28 @@ def test_hotswap_then_save_reloads_the_swapped_adapter(tmp_path: Path, host: str
     torch.testing.assert_close(logits(reloaded, INPUTS), logits(model, INPUTS), rtol=1e-5, atol=1e-6)
     ours = fastadapter.load(tiny_llama(), tmp_path / "after", layers="fastadapter")
     torch.testing.assert_close(logits(ours, INPUTS), logits(model, INPUTS), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("host", HOSTS)
+def test_swaps_back_and_forth_take_each_config_file_as_it_reads_now(tmp_path: Path, host: str) -> None:
+    # Configs are built once per content of adapter_config.json: an edited file is read anew, and the
+    # config a swap installed is the adapter's own (changing it changes nothing the next swap reads).
+    first = saved_adapter(tmp_path, "first", "linear", seed=1, r=4, lora_alpha=8)
+    second = saved_adapter(tmp_path, "second", "linear", seed=2, r=4, lora_alpha=16)
+    model = on_host(host, tiny_llama, first)
+    fastadapter.hotswap(model, second)
+    fastadapter.hotswap(model, first)
+    config = host_for(model).configs()["default"]
+    assert config.lora_alpha == 8
+    config.rank_pattern["q_proj"] = 2
+
+    _edit_config(second, lora_alpha=32)
+    fastadapter.hotswap(model, second)
+    expected = PeftModel.from_pretrained(tiny_llama(), str(second)).eval()
+    torch.testing.assert_close(logits(model, INPUTS), logits(expected, INPUTS), rtol=1e-5, atol=1e-6)
+    fastadapter.hotswap(model, first)
+    config = host_for(model).configs()["default"]
+    assert (config.lora_alpha, config.rank_pattern) == (8, {})
 
 
 @pytest.mark.parametrize("host", HOSTS)
