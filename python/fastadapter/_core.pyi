@@ -30,6 +30,7 @@ __all__ = [
     "wait_released",
     "write_chunks",
     "write_safetensors",
+    "write_safetensors_files",
 ]
 
 __version__: str
@@ -104,6 +105,12 @@ def write_safetensors(
     metadata: dict[str, str] | None = None,
     fsync: bool = False,
 ) -> PendingFile: ...
+def write_safetensors_files(
+    files: Sequence[
+        tuple[str | PathLike[str], Sequence[tuple[str, str, Sequence[int], Buffer]], dict[str, str] | None]
+    ],
+    fsync: bool = False,
+) -> list[PendingFile]: ...
 def stage_bytes(path: str | PathLike[str], data: Buffer, fsync: bool = False) -> PendingFile: ...
 def stage_sized(
     path: str | PathLike[str],

@@ -119,9 +119,15 @@ class FileSet:
 
     def __init__(self) -> None:
         self._staged: list[Staged] = []
+        self._large: list[Staged] = []
 
-    def add(self, staged: Staged) -> None:
-        self._staged.append(staged)
+    def add(self, staged: Staged, *, large: bool = False) -> None:
+        """`large` files (weights) are committed after the others. Renaming a file over an existing one
+        makes ext4 start writing the new file back inside the rename (`auto_da_alloc`), and the next
+        rename on that file system waits for the journal: an `adapter_config.json` renamed right after
+        its weights took about as long as the weights' own rename. Renamed last, the weights leave that
+        wait to whatever touches the file system next, not to this save."""
+        (self._large if large else self._staged).append(staged)
 
     def stage_bytes(self, target: str, data: bytes, fsync: bool = False) -> None:
         self.add(_core.stage_bytes(target, data, fsync))
@@ -130,8 +136,9 @@ class FileSet:
         return self
 
     def commit(self) -> None:
-        """Rename every staged file into place, in the order staged; whatever is left is discarded."""
-        staged, self._staged = self._staged, []
+        """Rename every staged file into place, in the order staged, the large ones last; whatever is left
+        is discarded."""
+        staged, self._staged, self._large = [*self._staged, *self._large], [], []
         try:
             for s in staged:
                 s.commit()
@@ -140,7 +147,7 @@ class FileSet:
                 s.discard()
 
     def discard(self) -> None:
-        staged, self._staged = self._staged, []
+        staged, self._staged, self._large = [*self._staged, *self._large], [], []
         for s in staged:
             s.discard()
 

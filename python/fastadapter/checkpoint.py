@@ -233,17 +233,20 @@ class Checkpointer:
         (fastadapter.save's writer), which is then renamed into place as `publish_checkpoint` does (same
         staging name, so a killed writer's leftovers are cleaned the same way). One copy of the bytes
         instead of two: the snapshot copy was most of what the sync save spent above one `write()` of
-        the same bytes (bench_save_sync.py)."""
+        the same bytes (bench_save_sync.py). The shards of a model are written several at once, as
+        `publish_checkpoint(parallel=True)` writes them."""
         from ._tensors import write_records
 
         os.makedirs(self.root, exist_ok=True)
         staging = hidden_temp_path(self.root, os.path.basename(self.path(step)))
         os.mkdir(staging)
         try:
-            for name, tensors, metadata in big:
-                target = os.path.join(staging, name)
-                records = write_records(tensors)
-                _core.write_safetensors(target, records, dict(metadata or {}), self.fsync).commit()
+            files = [
+                (os.path.join(staging, name), write_records(tensors), dict(metadata or {}))
+                for name, tensors, metadata in big
+            ]
+            for pending in _core.write_safetensors_files(files, self.fsync):
+                pending.commit()
             for name, data in small:
                 _core.stage_bytes(os.path.join(staging, name), data, self.fsync).commit()
             _core.publish_dir(staging, self.path(step), self.fsync)

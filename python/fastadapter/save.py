@@ -208,7 +208,7 @@ def stage_weights(files: FileSet, target: str, state_dict: dict[str, torch.Tenso
         return
     from ._tensors import write_records
 
-    files.add(_core.write_safetensors(target, write_records(state_dict), {"format": "pt"}, fsync))
+    files.add(_core.write_safetensors(target, write_records(state_dict), {"format": "pt"}, fsync), large=True)
 
 
 def _stage_packed(files: FileSet, target: str, state_dict: dict[str, torch.Tensor], fsync: bool) -> None:
@@ -221,7 +221,7 @@ def _stage_packed(files: FileSet, target: str, state_dict: dict[str, torch.Tenso
         if _SNAPSHOT_BUFFER is None:
             _SNAPSHOT_BUFFER = SnapshotBuffer()
         view, (image,) = take(_SNAPSHOT_BUFFER, [(target, state_dict, {"format": "pt"})])
-        files.add(_core.stage_bytes(target, view[image.start : image.end].numpy().data, fsync))
+        files.add(_core.stage_bytes(target, view[image.start : image.end].numpy().data, fsync), large=True)
 
 
 def _stage_bin(files: FileSet, safetensors_target: str, state_dict: dict[str, torch.Tensor]) -> None:
@@ -232,7 +232,7 @@ def _stage_bin(files: FileSet, safetensors_target: str, state_dict: dict[str, to
     # themselves, which torch.save would pickle as `nn.Parameter` (and `torch.load` return as such).
     # `detach()` is what `state_dict()` does: same storage, no copy.
     plain = {k: v.detach() if isinstance(v, torch.nn.Parameter) else v for k, v in state_dict.items()}
-    files.add(StagedByCallback(target, lambda path: torch.save(plain, path)))
+    files.add(StagedByCallback(target, lambda path: torch.save(plain, path)), large=True)
 
 
 def _unsharded(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

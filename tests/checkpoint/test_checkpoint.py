@@ -399,8 +399,9 @@ def test_sync_save_from_the_tensors_equals_the_snapshot_path(tmp_path: Path, fsy
 def test_failed_sync_save_from_the_tensors_leaves_the_previous_checkpoint(tmp_path: Path) -> None:
     ck = Checkpointer(tmp_path, async_save=False, keep_last=1, max_shard_size=8)
     ck.save(1, {"w": torch.ones(2)})
-    # The second shard's dtype has no safetensors name: the first shard is already in the staging
-    # directory when the save fails.
+    # The second shard's dtype has no safetensors name: refused after the staging directory is made,
+    # before any shard is written (a shard failing while the others are written:
+    # test_checkpoint_crash.py).
     with pytest.raises(ValueError, match="complex128"):
         ck.save(2, {"a": torch.ones(2), "w": torch.ones(2, dtype=torch.complex128)})
     assert ck.steps() == [1]

@@ -98,6 +98,43 @@ def test_file_too_large_fails_cleanly_and_keeps_the_previous_checkpoint(tmp_path
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-1"]
 
 
+SYNC_SHARD_TOO_LARGE_CHILD = textwrap.dedent(
+    """
+    import errno, resource, signal, sys, torch
+    from fastadapter import Checkpointer
+    ck = Checkpointer(sys.argv[1], async_save=False, keep_last=1, max_shard_size=300_000)
+    ck.save(1, {"w": torch.ones(1024)})
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # get EFBIG instead of being killed
+    resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+    # Four shards written at once from the tensors: three of 256 KB fit, the 4 MB one (shard 2) fails.
+    state = {f"s{i}": torch.full((1 << 16,), float(i)) for i in range(2)}
+    state["big"] = torch.ones(1 << 20)
+    state["s2"] = torch.ones(1 << 16)
+    try:
+        ck.save(2, state)
+    except OSError as e:
+        print(e.errno == errno.EFBIG, e.filename)
+    else:
+        print("no error")
+    """
+)
+
+
+def test_a_shard_failing_among_parallel_writes_publishes_nothing(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-c", SYNC_SHARD_TOO_LARGE_CHILD, str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert out[0] == "True", out
+    assert out[1].endswith("model-00002-of-00004.safetensors"), out  # the error names the shard
+    ck = Checkpointer(tmp_path)
+    assert ck.steps() == [1]  # nothing of checkpoint 2 published, nothing rotated away
+    assert torch.equal(ck.load(1)["w"], torch.ones(1024))
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-1"]  # the staging directory is gone
+
+
 def test_pending_save_is_finished_at_interpreter_exit(tmp_path: Path) -> None:
     """A script that never calls wait()/close(): its last checkpoint is still written (the writer
     thread would otherwise die with the interpreter)."""

@@ -624,6 +624,43 @@ def test_saving_twice_into_one_directory_gives_identical_files(tmp_path: Path) -
     assert_weights_written(keys, [SAFETENSORS])
 
 
+@pytest.mark.parametrize("safe", [True, False])
+def test_weights_are_renamed_into_place_after_the_small_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, safe: bool
+) -> None:
+    # Replacing a large file makes ext4 write it back inside the rename, and the next rename waits for
+    # that: every weights file (two adapters) is renamed after every config and the model card.
+    from fastadapter import _fileset
+
+    renamed: list[str] = []
+
+    class Recorded:
+        def __init__(self, staged: Any) -> None:
+            self.staged = staged
+            self.name = os.path.basename(str(staged.target))
+
+        def commit(self) -> None:
+            self.staged.commit()
+            renamed.append(self.name)
+
+        def discard(self) -> None:
+            self.staged.discard()
+
+    add = _fileset.FileSet.add
+    monkeypatch.setattr(_fileset.FileSet, "add", lambda self, s, **kw: add(self, Recorded(s), **kw))
+    model = build("llama_all_linear")
+    add_perturbed_adapter(model, "second", lora_config(), seed=3)
+    weights = SAFETENSORS if safe else "adapter_model.bin"
+    for _ in range(2):  # into a new directory, then over the files
+        renamed.clear()
+        save_with_fastadapter(model, tmp_path / "ours", safe_serialization=safe)
+        assert sorted(renamed) == sorted(["README.md", *[weights, "adapter_config.json"] * 2]), renamed
+        assert renamed[-2:] == [weights, weights], renamed
+    monkeypatch.undo()
+    model.save_pretrained(str(tmp_path / "peft"), safe_serialization=safe)
+    assert_same_files(tmp_path / "ours", tmp_path / "peft")
+
+
 def twin_with_unset_base_name(name_or_path: str) -> PeftModel:
     """PeftModel(...) built directly leaves base_model_name_or_path unset; save fills it from the model."""
     base = tiny_llama()

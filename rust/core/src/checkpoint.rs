@@ -307,32 +307,14 @@ fn write_files(dir: &Path, files: &[CheckpointFile<'_>], options: &PublishOption
         }
         Ok(())
     };
-    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if !options.parallel || files.len() < 2 || threads < 2 {
-        return files.iter().try_for_each(write_one);
-    }
-    // Big files first, spread over the threads by a shared cursor.
-    let mut order: Vec<&CheckpointFile<'_>> = files.iter().collect();
-    order.sort_by_key(|f| std::cmp::Reverse(f.data.len()));
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let results: Vec<Result<()>> = std::thread::scope(|s| {
-        let workers: Vec<_> = (0..threads.min(files.len()))
-            .map(|_| {
-                s.spawn(|| loop {
-                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    match order.get(i) {
-                        None => return Ok(()),
-                        Some(f) => write_one(f)?,
-                    }
-                })
-            })
-            .collect();
-        workers
-            .into_iter()
-            .map(|w| w.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-            .collect()
-    });
-    results.into_iter().collect()
+    let threads = if options.parallel {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    } else {
+        1
+    };
+    let sizes: Vec<u64> = files.iter().map(|f| f.data.len() as u64).collect();
+    crate::parallel::largest_first(&sizes, threads, |i| write_one(&files[i]))?;
+    Ok(())
 }
 
 /// fsync the staging directory and every subdirectory the files live in, deepest first.

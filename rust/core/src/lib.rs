@@ -5,7 +5,8 @@
 //! * [`prefetch`]: brings a mapped file's pages in before use, with parallel reads when they are not cached.
 //! * [`select`]: picks tensors by prefix / regex and renames keys, header-only.
 //! * [`layout`]: computes the exact header bytes and data order that `safetensors` 0.8 writes.
-//! * [`writer`]: writes a file from caller-owned buffers with parallel positional writes, atomically.
+//! * [`writer`]: writes a file from caller-owned buffers with parallel positional writes, atomically;
+//!   several files at once through [`parallel`].
 //! * [`atomic`]: the temp-file-then-rename primitive the writer (and the Python layer) commit through;
 //!   [`release`] frees the file it replaces off the caller's thread.
 //! * [`torch_zip`], [`pickle`], [`state_dict`]: a reader for `torch.save` checkpoints that parses the zip
@@ -20,6 +21,7 @@ pub mod checkpoint;
 pub mod convert;
 pub mod error;
 pub mod layout;
+pub mod parallel;
 pub mod pickle;
 pub mod pickle_globals;
 pub mod positioned;

@@ -92,6 +92,33 @@ pub fn write_safetensors(
     Ok(pending)
 }
 
+/// One file for [`write_safetensors_files`].
+#[derive(Debug, Clone)]
+pub struct NewFile<'a> {
+    pub target: std::path::PathBuf,
+    pub tensors: Vec<TensorRef<'a>>,
+    pub metadata: Option<HashMap<String, String>>,
+}
+
+/// [`write_safetensors`] for several files, up to `threads` of them at once, largest first: separate
+/// files do not share an inode lock, so the shards of a model are written in parallel where the writes
+/// into one file would take turns. Every file is staged, or none: after a failure the files already
+/// staged are discarded. The caller commits them.
+pub fn write_safetensors_files(
+    files: &[NewFile<'_>],
+    options: &WriteOptions,
+    threads: usize,
+) -> Result<Vec<PendingFile>> {
+    let sizes: Vec<u64> = files
+        .iter()
+        .map(|f| f.tensors.iter().map(|t| t.data.len() as u64).sum())
+        .collect();
+    crate::parallel::largest_first(&sizes, threads, |i| {
+        let f = &files[i];
+        write_safetensors(&f.target, &f.tensors, f.metadata.clone(), options.clone())
+    })
+}
+
 /// Plan, write and publish in one call.
 pub fn save_safetensors(
     target: &Path,
@@ -110,25 +137,7 @@ fn write_layout(
 ) -> io::Result<()> {
     preallocate(file, layout.total_len)?;
 
-    let mut pieces: Vec<Piece<'_>> = Vec::with_capacity(tensors.len() + 1);
-    pieces.push(Piece {
-        offset: 0,
-        data: &layout.header,
-        source: None,
-    });
-    for &i in &layout.order {
-        let mut offset = layout.offsets[i];
-        // Split large tensors so that one big tensor still spreads over all threads.
-        for (k, chunk) in tensors[i].data.chunks(BATCH_BYTES).enumerate() {
-            pieces.push(Piece {
-                offset,
-                data: chunk,
-                source: Some((i, k * BATCH_BYTES)),
-            });
-            offset += chunk.len() as u64;
-        }
-    }
-    let batches = batch(&pieces);
+    let batches = batch(&pieces(layout, tensors));
 
     let write = |b: &Batch<'_>| {
         if let Some(observe) = &options.observer {
@@ -155,6 +164,34 @@ fn write_layout(
     } else {
         batches.par_iter().try_for_each(write)
     }
+}
+
+/// The header and every tensor's bytes at their file offsets, in file order, cut at every multiple of
+/// `BATCH_BYTES` in the file (so that each batch fills whole page-cache folios, see `batch`; this also
+/// spreads one big tensor over all threads).
+fn pieces<'a>(layout: &'a Layout, tensors: &[TensorRef<'a>]) -> Vec<Piece<'a>> {
+    let mut pieces: Vec<Piece<'_>> = Vec::with_capacity(tensors.len() + 1);
+    pieces.push(Piece {
+        offset: 0,
+        data: &layout.header,
+        source: None,
+    });
+    for &i in &layout.order {
+        let (start, data) = (layout.offsets[i], tensors[i].data);
+        let mut within = 0;
+        while within < data.len() {
+            let offset = start + within as u64;
+            let room = BATCH_BYTES - (offset % BATCH_BYTES as u64) as usize;
+            let end = data.len().min(within + room);
+            pieces.push(Piece {
+                offset,
+                data: &data[within..end],
+                source: Some((i, within)),
+            });
+            within = end;
+        }
+    }
+    pieces
 }
 
 /// Write `data` as the whole content of `file` (a file image already laid out in memory, e.g. a
@@ -202,10 +239,15 @@ struct Batch<'a> {
     sources: Vec<Option<(usize, usize)>>,
 }
 
-/// Group file-adjacent pieces (tensors are stored back to back) into batches of about `BATCH_BYTES`.
+/// Group file-adjacent pieces (tensors are stored back to back) into batches: each batch is the part of
+/// one `BATCH_BYTES`-aligned block of the file that the pieces cover (no piece crosses such a boundary).
+/// The file's data starts after the header, at no particular alignment; batches of `BATCH_BYTES` cut
+/// from there end inside a page-cache folio, which the kernel zero-fills beyond the write (a new file's
+/// pages hold no data) before the next batch overwrites it. Measured on ext4 with large folios (an
+/// adapter of 112 tensors behind a 13 KB header): cut from the data start, the batches took longer than
+/// one `write()` of the same bytes; cut at the file's boundaries, no longer.
 fn batch<'a>(pieces: &[Piece<'a>]) -> Vec<Batch<'a>> {
     let mut out: Vec<Batch<'a>> = Vec::new();
-    let mut bytes = 0usize;
     let mut end = u64::MAX;
     for &Piece {
         offset,
@@ -216,9 +258,10 @@ fn batch<'a>(pieces: &[Piece<'a>]) -> Vec<Batch<'a>> {
         if data.is_empty() {
             continue;
         }
+        let block = BATCH_BYTES as u64;
         let extend = match out.last() {
             Some(b) => {
-                offset == end && bytes + data.len() <= BATCH_BYTES && b.slices.len() < MAX_IOVECS
+                offset == end && offset / block == b.offset / block && b.slices.len() < MAX_IOVECS
             }
             None => false,
         };
@@ -226,14 +269,12 @@ fn batch<'a>(pieces: &[Piece<'a>]) -> Vec<Batch<'a>> {
             let last = out.last_mut().expect("checked above");
             last.slices.push(data);
             last.sources.push(source);
-            bytes += data.len();
         } else {
             out.push(Batch {
                 offset,
                 slices: vec![data],
                 sources: vec![source],
             });
-            bytes = data.len();
         }
         end = offset + data.len() as u64;
     }
@@ -406,6 +447,98 @@ mod tests {
         assert_eq!(std::fs::read(&target).unwrap(), after);
         let leftovers = std::fs::read_dir(dir.path()).unwrap().count();
         assert_eq!(leftovers, 1);
+    }
+
+    #[test]
+    fn several_files_at_once_are_each_the_crates_bytes_or_none_is_staged() {
+        let data: Vec<Vec<u8>> = (0..5)
+            .map(|i| bytes(BATCH_BYTES + i * 4096, i as u8))
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let file = |i: usize, dtype: Dtype| NewFile {
+            target: dir.path().join(format!("shard-{i}.safetensors")),
+            tensors: vec![TensorRef {
+                name: format!("w{i}"),
+                dtype,
+                shape: vec![data[i].len()],
+                data: &data[i],
+            }],
+            metadata: None,
+        };
+        let files: Vec<NewFile<'_>> = (0..5).map(|i| file(i, Dtype::U8)).collect();
+        for threads in [1, 3] {
+            let staged =
+                write_safetensors_files(&files, &WriteOptions::default(), threads).unwrap();
+            assert_eq!(staged.len(), files.len());
+            for (pending, f) in staged.into_iter().zip(&files) {
+                assert_eq!(pending.target(), f.target);
+                pending.commit().unwrap();
+                let written = std::fs::read(&f.target).unwrap();
+                assert!(
+                    written == oracle(&f.tensors, None),
+                    "{}",
+                    f.target.display()
+                );
+            }
+        }
+        let before: Vec<Vec<u8>> = files
+            .iter()
+            .map(|f| std::fs::read(&f.target).unwrap())
+            .collect();
+        // One file whose tensor does not fit its dtype: nothing is staged, no temp file is left.
+        let mut bad = files.clone();
+        bad[3] = file(3, Dtype::F64);
+        bad[3].tensors[0].shape = vec![3];
+        let err = write_safetensors_files(&bad, &WriteOptions::default(), 3).unwrap_err();
+        assert!(err.to_string().contains("tensor `w3`"), "{err}");
+        for (f, old) in files.iter().zip(&before) {
+            assert!(std::fs::read(&f.target).unwrap() == *old);
+        }
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), files.len());
+    }
+
+    #[test]
+    fn each_batch_lies_in_one_aligned_block_of_the_file_and_they_tile_it() {
+        // Odd sizes behind a header of odd length: no tensor starts at a block boundary.
+        let data: Vec<Vec<u8>> = (0..7)
+            .map(|i| bytes(BATCH_BYTES / 3 + 4096 * i + 12, i as u8))
+            .collect();
+        let tensors: Vec<TensorRef<'_>> = data
+            .iter()
+            .enumerate()
+            .map(|(i, d)| TensorRef {
+                name: format!("t{i}"),
+                dtype: Dtype::U8,
+                shape: vec![d.len()],
+                data: d,
+            })
+            .collect();
+        let metas: Vec<TensorMeta> = tensors
+            .iter()
+            .map(|t| TensorMeta {
+                name: t.name.clone(),
+                dtype: t.dtype,
+                shape: t.shape.clone(),
+                nbytes: t.data.len(),
+            })
+            .collect();
+        let layout = plan(&metas, None).unwrap();
+        let batches = batch(&pieces(&layout, &tensors));
+        let block = BATCH_BYTES as u64;
+        let mut next = 0u64;
+        for b in &batches {
+            let len: u64 = b.slices.iter().map(|s| s.len() as u64).sum();
+            assert_eq!(b.offset, next);
+            assert_eq!(
+                b.offset / block,
+                (b.offset + len - 1) / block,
+                "{}",
+                b.offset
+            );
+            next += len;
+        }
+        assert_eq!(next, layout.total_len);
+        assert_eq!(batches.len() as u64, layout.total_len.div_ceil(block));
     }
 
     #[test]

@@ -27,6 +27,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(reader::select_keys, m)?)?;
     m.add_function(wrap_pyfunction!(reader::map_file_over, m)?)?;
     m.add_function(wrap_pyfunction!(writer::write_safetensors, m)?)?;
+    m.add_function(wrap_pyfunction!(writer::write_safetensors_files, m)?)?;
     m.add_function(wrap_pyfunction!(writer::stage_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(writer::stage_sized, m)?)?;
     m.add_function(wrap_pyfunction!(writer::wait_released, m)?)?;

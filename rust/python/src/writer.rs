@@ -10,7 +10,9 @@ use fastadapter_core::atomic::{
     stage_bytes as core_stage_bytes, stage_sized as core_stage_sized, PendingFile as CorePending,
 };
 use fastadapter_core::layout::{parse_dtype, plan, TensorMeta};
-use fastadapter_core::writer::{write_safetensors as core_write, TensorRef, WriteOptions};
+use fastadapter_core::writer::{
+    write_safetensors_files as core_write_files, NewFile, TensorRef, WriteOptions,
+};
 use fastadapter_core::Error;
 use pyo3::buffer::PyUntypedBuffer;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
@@ -97,45 +99,83 @@ pub fn write_safetensors(
     metadata: Option<HashMap<String, String>>,
     fsync: bool,
 ) -> PyResult<PendingFile> {
-    // Hold every buffer export until the write is done: that is what keeps the memory valid while
+    let mut staged = write_files(py, vec![(path, tensors, metadata)], fsync)?;
+    Ok(staged.pop().expect("one file in, one out"))
+}
+
+/// `write_safetensors` for several files (path, tensors, metadata), written by several threads at once
+/// (the shards of a model: separate files, no shared inode lock). Returns one `PendingFile` per file,
+/// in order; if any file fails, none is staged.
+#[pyfunction]
+#[pyo3(signature = (files, fsync=false))]
+pub fn write_safetensors_files(
+    py: Python<'_>,
+    files: Vec<PyFile<'_>>,
+    fsync: bool,
+) -> PyResult<Vec<PendingFile>> {
+    write_files(py, files, fsync)
+}
+
+/// A file as handed over by Python: (path, tensors, metadata).
+type PyFile<'py> = (PathBuf, Vec<PyTensor<'py>>, Option<HashMap<String, String>>);
+
+fn write_files(py: Python<'_>, files: Vec<PyFile<'_>>, fsync: bool) -> PyResult<Vec<PendingFile>> {
+    // Hold every buffer export until the writes are done: that is what keeps the memory valid while
     // the GIL is released.
-    let mut buffers = Vec::with_capacity(tensors.len());
-    let mut specs = Vec::with_capacity(tensors.len());
-    for (name, dtype, shape, obj) in tensors {
-        let buffer = PyUntypedBuffer::get(&obj)?;
-        if !buffer.is_c_contiguous() {
-            return Err(PyValueError::new_err(format!(
-                "tensor `{name}`: buffer is not C-contiguous"
-            )));
+    let mut buffers: Vec<Vec<PyUntypedBuffer>> = Vec::with_capacity(files.len());
+    let mut specs = Vec::with_capacity(files.len());
+    for (path, tensors, metadata) in files {
+        let mut exports = Vec::with_capacity(tensors.len());
+        let mut named = Vec::with_capacity(tensors.len());
+        for (name, dtype, shape, obj) in tensors {
+            let buffer = PyUntypedBuffer::get(&obj)?;
+            if !buffer.is_c_contiguous() {
+                return Err(PyValueError::new_err(format!(
+                    "tensor `{name}`: buffer is not C-contiguous"
+                )));
+            }
+            let dtype = parse(&name, &dtype)?;
+            named.push((name, dtype, shape));
+            exports.push(buffer);
         }
-        let dtype = parse(&name, &dtype)?;
-        specs.push((name, dtype, shape));
-        buffers.push(buffer);
+        specs.push((path, named, metadata));
+        buffers.push(exports);
     }
-    let refs: Vec<TensorRef<'_>> = specs
+    let new_files: Vec<NewFile<'_>> = specs
         .into_iter()
         .zip(&buffers)
-        .map(|((name, dtype, shape), buffer)| TensorRef {
-            name,
-            dtype,
-            shape,
-            data: match buffer.len_bytes() {
-                // An empty export may carry a null pointer, which a slice must never hold.
-                0 => &[],
-                // SAFETY: the export in `buffers` pins this memory until `buffers` is dropped, after
-                // the write; it is only read.
-                len => unsafe { std::slice::from_raw_parts(buffer.buf_ptr() as *const u8, len) },
-            },
+        .map(|((target, named, metadata), exports)| NewFile {
+            target,
+            tensors: named
+                .into_iter()
+                .zip(exports)
+                .map(|((name, dtype, shape), buffer)| TensorRef {
+                    name,
+                    dtype,
+                    shape,
+                    data: match buffer.len_bytes() {
+                        // An empty export may carry a null pointer, which a slice must never hold.
+                        0 => &[],
+                        // SAFETY: the export in `buffers` pins this memory until `buffers` is
+                        // dropped, after the writes; it is only read.
+                        len => unsafe {
+                            std::slice::from_raw_parts(buffer.buf_ptr() as *const u8, len)
+                        },
+                    },
+                })
+                .collect(),
+            metadata,
         })
         .collect();
     let options = WriteOptions {
         fsync,
         ..WriteOptions::default()
     };
-    let pending = detached(py, || core_write(&path, &refs, metadata, options))?;
-    drop(refs);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let staged = detached(py, || core_write_files(&new_files, &options, threads))?;
+    drop(new_files);
     drop(buffers);
-    Ok(PendingFile::wrap(pending))
+    Ok(staged.into_iter().map(PendingFile::wrap).collect())
 }
 
 /// Wait until the files replaced by earlier commits are freed (their release runs on a background
