@@ -16,9 +16,17 @@ What is written:
   plus `config.json` when the module is a transformers model;
 * always `fastadapter_checkpoint.json`: the step, the kind, tied-weight aliases and `extra`.
 
-Ranks: only rank 0 writes a checkpoint of shared weights (other ranks' `save` returns at once);
-with `per_rank=True` every rank writes its own part as `checkpoint-<step>/rank-<r>-of-<n>/`, each
-part published atomically, and the step counts as complete once all parts are there.
+Ranks: only rank 0 writes a checkpoint of shared weights (other ranks' `save` returns at once).
+With `per_rank=True` every rank saves its own state dict (its RNG, data loader, optimizer partition),
+and rank r's files are `checkpoint-<step>/rank-<r>-of-<n>/` (`model.safetensors` under the rank's own
+keys, its `fastadapter_checkpoint.json` and `files`). In a torch.distributed job this goes through
+torch.distributed.checkpoint and `fastadapter.dcp.StorageWriter`, the same way as sharded models below:
+every rank writes only its own tensors, the coordinator publishes the whole step atomically with a
+top-level `fastadapter_checkpoint.json` (kind "per_rank", the world size), a failure raises on every
+rank. Without an initialised process group (processes that only have RANK/WORLD_SIZE) there is no
+collective to agree on one checkpoint: each process publishes its own part atomically, and the step
+counts as complete once all parts are there (what earlier versions wrote in every job). `load` reads
+this rank's part of either, in a job of the world size that saved it.
 
 Sharded models and adapters (DTensors: FSDP2, tensor parallel) in a torch.distributed job are saved by
 every rank through torch.distributed.checkpoint and `fastadapter.dcp.StorageWriter` (`dcp.async_save`,
@@ -33,6 +41,7 @@ are the same as above: a sharded adapter's checkpoint holds `fastadapter.save`'s
 from __future__ import annotations
 
 import collections
+import errno
 import json
 import os
 import re
@@ -63,6 +72,7 @@ FORMAT = "fastadapter-checkpoint"
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 _UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
+_PART = re.compile(r"^rank-(\d+)-of-(\d+)$")
 
 
 @dataclass
@@ -184,6 +194,9 @@ class Checkpointer:
         meta: dict[str, Any] = {"format": FORMAT, "version": 1, "step": step}
         if extra is not None:
             meta["extra"] = dict(extra)
+        if per_rank and _distributed():
+            self._save_per_rank(step, model_or_state_dict, meta, files)  # every rank, through DCP
+            return
         if not per_rank and _is_sharded(model_or_state_dict):
             self._save_dcp(step, model_or_state_dict, meta, files)  # every rank writes its own shards
             return
@@ -213,7 +226,7 @@ class Checkpointer:
                 fsync=self.fsync,
                 parallel=True,
                 keep_last=self.keep_last if self.rank == 0 else None,
-                part=f"rank-{self.rank:05d}-of-{self.world_size:05d}" if per_rank else None,
+                part=_part_name(self.rank, self.world_size) if per_rank else None,
             )
         except BaseException:
             self._free.append(buffer)
@@ -264,8 +277,6 @@ class Checkpointer:
         byte), and nothing is gathered. Asynchronous unless `async_save=False`: DCP stages a copy and
         writes on a thread. A failure raises on every rank: the failing rank's own error, the others'
         `RankFailedError`; the previous checkpoints stay as they were."""
-        from torch.distributed.checkpoint.state_dict_saver import async_save, save
-
         from .dcp import StorageWriter
 
         if _has_adapters(obj):
@@ -281,6 +292,99 @@ class Checkpointer:
                 raise ValueError(f"extra file {name!r} clashes with a checkpoint file")
             small[name] = bytes(data)
         writer = StorageWriter(self.path(step), sync_files=self.fsync, extra_files=small, layout=layout)
+        self._run_dcp(step, state, writer)
+
+    def _save_per_rank(
+        self, step: int, obj: Any, meta: dict[str, Any], files: Mapping[str, bytes] | None
+    ) -> None:
+        """Every rank's own state dict (its RNG, data loader, optimizer partition: different on every rank)
+        as one checkpoint, through `torch.distributed.checkpoint` and fastadapter's plugin. Rank r's
+        tensors go to `rank-<r>-of-<n>/model.safetensors` under their own names, with its own
+        `fastadapter_checkpoint.json` (its `extra`) and `files` beside them: the layout of the
+        per-process parts, so one reader serves both, and `safe_open` on a rank's file shows that
+        rank's keys as it saved them. The DCP keys carry the part name, so equal keys of two ranks never
+        collide and each rank writes only its own bytes. The coordinator names every file (the plugin's
+        `layout`) and writes the small files, so the ranks first exchange their keys and small files
+        (one `all_gather_object`, which also tells every rank whether another refused its state dict:
+        then all raise, none is left waiting in DCP's collectives); the coordinator publishes the
+        directory with a top-level `fastadapter_checkpoint.json` of kind "per_rank" and the world size."""
+        import torch.distributed as dist
+
+        from .dcp import StorageWriter
+        from .errors import RankFailedError
+
+        rank, world = dist.get_rank(), dist.get_world_size()
+        # The exchange and DCP's save are collectives: one at a time, in the same order on every rank.
+        self.wait()
+        try:
+            state, small = self._own_part_files(obj, meta, files, rank, world)
+            mine: tuple[str, list[str], dict[str, bytes], str | None] = (
+                _part_name(rank, world),
+                list(state),
+                small,
+                None,
+            )
+        except (TypeError, ValueError) as e:
+            refused: BaseException | None = e
+            state, mine = {}, (_part_name(rank, world), [], {}, f"{type(e).__name__}: {e}")
+        else:
+            refused = None
+        parts: list[Any] = [None] * world
+        dist.all_gather_object(parts, mine)
+        if refused is not None:
+            raise refused
+        failed = [(r, error) for r, (*_, error) in enumerate(parts) if error is not None]
+        if failed:
+            raise RankFailedError(f"saving {self.path(step)}: rank {failed[0][0]} failed: {failed[0][1]}")
+        layout: dict[str, tuple[str, str]] = {}
+        extra_files: dict[str, bytes] = {}
+        for name, keys, part_files, _ in parts:
+            layout.update({f"{name}/{key}": (f"{name}/{MODEL_WEIGHTS}", key) for key in keys})
+            # An empty rank's part holds only these: its directory exists, so the step is complete.
+            extra_files.update({f"{name}/{file}": data for file, data in part_files.items()})
+        if rank == 0:
+            top = {"format": FORMAT, "version": 1, "step": step, "kind": "per_rank", "world_size": world}
+            extra_files[META_NAME] = _json_bytes(top)
+        writer = StorageWriter(self.path(step), sync_files=self.fsync, extra_files=extra_files, layout=layout)
+        part = _part_name(rank, world)
+        self._run_dcp(step, {f"{part}/{key}": t.detach() for key, t in state.items()}, writer)
+
+    def _own_part_files(
+        self, obj: Any, meta: dict[str, Any], files: Mapping[str, bytes] | None, rank: int, world: int
+    ) -> tuple[dict[str, torch.Tensor], dict[str, bytes]]:
+        """This rank's tensors and small files for a per-rank checkpoint, checked."""
+        import torch
+
+        if _has_adapters(obj):
+            raise ValueError("per_rank=True is for full state dicts; adapters are saved by rank 0")
+        if (rank, world) != (self.rank, self.world_size):
+            raise ValueError(
+                f"this Checkpointer is rank {self.rank} of {self.world_size}, torch.distributed's rank "
+                f"{rank} of {world}: a per-rank checkpoint is written by torch.distributed's ranks"
+            )
+        state = _full_state(obj)
+        for key, t in state.items():
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"per-rank state dict entry {key!r} is a {type(t).__name__}, not a tensor")
+            if _is_dtensor(t):
+                raise ValueError(
+                    f"per-rank state dict entry {key!r} is a DTensor: save sharded tensors without per_rank"
+                )
+        meta["kind"] = "full"
+        small = {META_NAME: _json_bytes(meta)}
+        for name, data in (files or {}).items():
+            if name in (META_NAME, MODEL_WEIGHTS):
+                raise ValueError(f"extra file {name!r} clashes with a checkpoint file")
+            small[name] = bytes(data)
+        return state, small
+
+    def _run_dcp(self, step: int, state: dict[str, torch.Tensor], writer: Any) -> None:
+        """`state` saved by DCP through `writer` on every rank: `dcp.async_save` (DCP stages a copy and
+        writes on a thread; waited for like a snapshot job) or `dcp.save` with `async_save=False`, one
+        code path. Rank 0 rotates `keep_last` once the checkpoint is published; a failure raises on
+        every rank (`_DcpJob.run`)."""
+        from torch.distributed.checkpoint.state_dict_saver import async_save, save
+
         # DCP saves are collectives: one at a time, in the same order on every rank.
         self.wait()
 
@@ -412,8 +516,13 @@ class Checkpointer:
         return os.path.join(self.root, f"checkpoint-{step}")
 
     def extra(self, step: int | None = None) -> dict[str, Any]:
-        """The `extra` metadata saved with checkpoint `step` (default: the latest)."""
-        meta = _read_meta(self.path(self._resolve(step)))
+        """The `extra` metadata saved with checkpoint `step` (default: the latest); of a per-rank
+        checkpoint, the one this rank saved."""
+        directory = self.path(self._resolve(step))
+        meta = _read_meta(directory)
+        part = self._own_part(directory, meta)
+        if part is not None:
+            meta = _read_meta(part)
         extra: dict[str, Any] = meta.get("extra", {})
         return extra
 
@@ -427,13 +536,21 @@ class Checkpointer:
         """The tensors of checkpoint `step` (default: the latest), after waiting for pending saves.
 
         For an adapter checkpoint, those of adapter `adapter_name` (keys as in PEFT's file); for a full
-        one, the whole state dict (tied aliases restored). Given `model`, they are also loaded into it:
-        into its existing adapter `adapter_name` in place (a resumed run), or by `fastadapter.load` if
-        it has none; a full state dict with `model.load_state_dict`.
+        one, the whole state dict (tied aliases restored); for a per-rank one (`save(per_rank=True)`),
+        this rank's own state dict, from the part its rank wrote (a job of another world size is
+        refused: `WorldSizeError`). Given `model`, they are also loaded into it: into its existing
+        adapter `adapter_name` in place (a resumed run), or by `fastadapter.load` if it has none; a full
+        or per-rank state dict with `model.load_state_dict`.
         """
         self.wait()
         directory = self.path(self._resolve(step))
         meta = _read_meta(directory)
+        part = self._own_part(directory, meta)
+        if part is not None:
+            state = _load_part(part, written_by_dcp=meta.get("kind") == "per_rank")
+            if model is not None:
+                model.load_state_dict(state)
+            return state
         if meta.get("kind", "adapter" if _is_adapter_dir(directory) else "full") == "adapter":
             return _load_adapter(directory, model, adapter_name)
         if model is not None and _is_sharded(model):
@@ -450,6 +567,29 @@ class Checkpointer:
         if model is not None:
             model.load_state_dict(state)
         return state
+
+    def _own_part(self, directory: str, meta: dict[str, Any]) -> str | None:
+        """This rank's part of a per-rank checkpoint, or None for a shared one. Per-rank checkpoints are
+        DCP's (kind "per_rank", world size in the metadata) or per-process parts (no top-level
+        metadata: what jobs without torch.distributed and earlier versions write); both keep rank r's
+        files in `rank-<r>-of-<n>/`. `steps()` lists a step of parts only once all `n` are there."""
+        if meta.get("kind") == "per_rank":
+            saved = int(meta["world_size"])
+        elif "kind" in meta:
+            return None
+        else:
+            sizes = {n for _, n in map(_parse_part, os.listdir(directory)) if n}
+            if not sizes:
+                return None
+            saved = max(sizes)
+        if saved != self.world_size:
+            from .errors import WorldSizeError
+
+            raise WorldSizeError(
+                f"{directory} is a per-rank checkpoint of {saved} ranks, and this job has {self.world_size}: "
+                f"each rank loads the part its rank saved, so it loads on {saved} ranks only"
+            )
+        return os.path.join(directory, _part_name(self.rank, saved))
 
     def _resolve(self, step: int | None) -> int:
         if step is not None:
@@ -636,17 +776,56 @@ def _has_adapters(obj: Any) -> bool:
     return isinstance(obj, nn.Module) and bool(host_for(obj).configs())
 
 
-def _rank_info(rank: int | None, world_size: int | None) -> tuple[int, int]:
-    if rank is not None and world_size is not None:
-        return rank, world_size
+def _distributed() -> bool:
+    """Whether this process is in a running torch.distributed job (never imports torch)."""
     import sys
 
     dist = getattr(sys.modules.get("torch"), "distributed", None)
-    if dist is not None and dist.is_available() and dist.is_initialized():
+    return bool(dist is not None and dist.is_available() and dist.is_initialized())
+
+
+def _rank_info(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if rank is not None and world_size is not None:
+        return rank, world_size
+    if _distributed():
+        import torch.distributed as dist
+
         r, w = dist.get_rank(), dist.get_world_size()
     else:
         r, w = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     return (r if rank is None else rank), (w if world_size is None else world_size)
+
+
+def _part_name(rank: int, world_size: int) -> str:
+    return f"rank-{rank:05d}-of-{world_size:05d}"
+
+
+def _parse_part(name: str) -> tuple[int, int]:
+    """`rank-<r>-of-<n>` -> (r, n); (0, 0) for any other name."""
+    m = _PART.match(name)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+def _load_part(part: str, written_by_dcp: bool) -> dict[str, torch.Tensor]:
+    """One rank's state dict: `model.safetensors`, or shards + index (per-process parts are sharded
+    by `max_shard_size`), tied aliases restored from the part's metadata. In DCP's layout a rank that
+    saved no tensors has no weights file, only its metadata."""
+    if written_by_dcp and not os.path.isfile(os.path.join(part, MODEL_WEIGHTS)):
+        if not os.path.isfile(os.path.join(part, META_NAME)):
+            raise FileNotFoundError(errno.ENOENT, "no part of this rank in the checkpoint", part)
+        return {}
+    return _load_full(part, _read_meta(part))
+
+
+def _json_bytes(meta: Mapping[str, Any]) -> bytes:
+    return (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _is_dtensor(t: Any) -> bool:
+    import sys
+
+    tensor_module = sys.modules.get("torch.distributed.tensor")
+    return tensor_module is not None and isinstance(t, tensor_module.DTensor)
 
 
 def _read_meta(directory: str) -> dict[str, Any]:

@@ -25,6 +25,7 @@ __all__ = [
     "UnsafeCheckpointError",
     "UnsupportedAdapterError",
     "UnsupportedTargetError",
+    "WorldSizeError",
 ]
 
 
@@ -99,3 +100,9 @@ class RankFailedError(FastAdapterError, RuntimeError):
     """A save that every rank takes part in (`fastadapter.save` of an FSDP2-sharded adapter, each rank
     writing its own slices) failed on another rank; the message names that rank and its error. The
     failing rank raises its own error, and the previous files are left as they were."""
+
+
+class WorldSizeError(FastAdapterError, ValueError):
+    """A per-rank checkpoint (every rank's own state dict) is loaded by a job of another world size than
+    the one that saved it: each rank reads the part its own rank wrote. The message names the checkpoint
+    and both sizes."""

@@ -4,7 +4,11 @@ by `keep_last`) and loads back into the sharded model. A sharded adapter goes th
 gathered (`full_tensor` and the all-gathers are made to raise): with `async_save` True and False the
 checkpoint holds PEFT's files for the unsharded model byte for byte (an adapter in a subdirectory too),
 loads back into a fresh sharded model shard for shard, and a rank failing mid-save or the coordinator's
-publish failing raises on every rank and leaves the previous checkpoints as they were."""
+publish failing raises on every rank and leaves the previous checkpoints as they were. `per_rank=True`
+saves every rank's own state dict (other keys, shapes and values on every rank, a rank with none) the
+same way, async and sync: each rank writes only its own part, reads it back, and `safe_open` reads
+every part; the failures behave the same, and so does a state dict one rank refuses; a job of another
+world size is refused."""
 
 from __future__ import annotations
 
@@ -22,12 +26,13 @@ import torch.distributed._functional_collectives as funcol
 import torch.distributed.distributed_c10d as c10d
 from _dist import run_ranks
 from peft import PeftModel
+from safetensors import safe_open
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 from transformers import LlamaForCausalLM
 
 from fastadapter import Checkpointer, _core
-from fastadapter.errors import RankFailedError
+from fastadapter.errors import RankFailedError, WorldSizeError
 from helpers import (
     CONFIG,
     SAFETENSORS,
@@ -45,6 +50,8 @@ from helpers import (
 # r=3 splits 2/1 over 2 ranks (uneven); down_proj's r=1 leaves rank 1 empty lora_A shards.
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 CHECKPOINT_FILES = {"fastadapter_checkpoint.json", "trainer_state.json"}
+META = "fastadapter_checkpoint.json"
+SAFETENSORS_MODEL = "model.safetensors"
 
 
 def sharded_llama(seed: int) -> torch.nn.Module:
@@ -144,10 +151,75 @@ def adapter_checkpoints(rank: int, world: int, root: Path) -> None:
                 assert mine
                 for k in mine:
                     assert torch.equal(got[k], saved[k]), k
-            failures(rank, ck, model)
+            failures(rank, ck, lambda: ck.save(4, model))
 
 
-def failures(rank: int, ck: Checkpointer, model: PeftModel) -> None:
+def rank_state(rank: int, step: int) -> dict[str, torch.Tensor]:
+    """What a rank keeps of its own (RNG, data loader, a ZeRO-style optimizer partition): the same keys
+    on both ranks with other values and shapes, a key of one rank only; rank 1 has nothing at step 2."""
+    if rank == 1 and step == 2:
+        return {}
+    g = torch.Generator().manual_seed(100 * step + rank)
+    return {
+        "rng_state": torch.randint(0, 256, (24,), dtype=torch.uint8, generator=g),
+        "optim.exp_avg": torch.randn(3 + rank, 4, generator=g),
+        "optim.exp_avg_sq": torch.randn(5, generator=g).to(torch.bfloat16),
+        "optim.step": torch.tensor(10 * step + rank),
+        f"loader.rank{rank}.position": torch.arange(rank + 2, dtype=torch.int32),
+    }
+
+
+def assert_same_state(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert sorted(got) == sorted(expected)
+    for key, t in expected.items():
+        assert got[key].dtype == t.dtype, key
+        assert torch.equal(got[key], t), key
+
+
+def per_rank_checkpoints(rank: int, world: int, root: Path) -> None:
+    """Every rank's own state dict through DCP (async and sync): each rank loads back its own; a write
+    failing on either rank, or the publish, raises on every rank and keeps the previous checkpoints."""
+    written: list[str] = []  # the files this rank wrote tensor bytes to
+    write_chunks = _core.write_chunks
+
+    def recording(files: list[tuple[str, Any, list[Any]]], *args: Any) -> Any:
+        written.extend(Path(path).parent.name for path, _, records in files if records)
+        return write_chunks(files, *args)
+
+    for async_save in (True, False):
+        with Checkpointer(root / f"per-rank-async-{async_save}", keep_last=2, async_save=async_save) as ck:
+            with patched(_core, "write_chunks", recording):
+                for step in (1, 2, 3):
+                    state = rank_state(rank, step)
+                    files = {"loader.json": b'{"rank": %d}' % rank}
+                    ck.save(step, state, per_rank=True, extra={"rank": rank, "step": step}, files=files)
+                    if async_save:
+                        for t in state.values():
+                            t.zero_()  # training goes on: DCP staged a copy
+                ck.wait()
+            assert set(written) == {f"rank-0000{rank}-of-00002"}  # each rank wrote its own bytes only
+            dist.barrier()  # rank 0 rotates once its save is published
+            assert ck.steps() == [2, 3]
+            for step in (2, 3):
+                assert_same_state(ck.load(step), rank_state(rank, step))
+            assert ck.extra(3) == {"rank": rank, "step": 3}
+            failures(rank, ck, lambda: ck.save(4, rank_state(rank, 4), per_rank=True))
+            # Rank 1 alone refuses its state dict: every rank raises, none waits in a collective.
+            bad: dict[str, Any] = rank_state(rank, 4) | ({"loader.epoch": 3} if rank == 1 else {})
+            expected = TypeError if rank == 1 else RankFailedError
+            with pytest.raises(expected, match="rank 1 failed: TypeError" if rank == 0 else "loader.epoch"):
+                ck.save(4, bad, per_rank=True)
+            assert ck.steps() == [2, 3]
+    torch.manual_seed(rank)
+    module = torch.nn.Linear(4, 2 + rank)  # a module of its own on every rank
+    with Checkpointer(root / "per-rank-module", async_save=False) as ck:
+        ck.save(1, module, per_rank=True)
+        fresh = torch.nn.Linear(4, 2 + rank)
+        ck.load(1, fresh)
+        assert_same_state(fresh.state_dict(), module.state_dict())
+
+
+def failures(rank: int, ck: Checkpointer, save: Callable[[], None]) -> None:
     """A rank's write failing (either rank), then the coordinator's publish: every rank raises, the
     previous checkpoints stay byte for byte, no staging directory is left."""
     dist.barrier()
@@ -162,7 +234,7 @@ def failures(rank: int, ck: Checkpointer, model: PeftModel) -> None:
         with patched(_core, function, replacement):
             expected = OSError if rank == failing else RankFailedError
             with pytest.raises(expected, match="No space left on device"):
-                save_and_wait(ck, model)
+                save_and_wait(ck, save)
         dist.barrier()
         after, left = snapshot(Path(ck.root)), leftovers(Path(ck.root))
         dist.barrier()  # every rank has looked before the next save stages its directory
@@ -171,19 +243,22 @@ def failures(rank: int, ck: Checkpointer, model: PeftModel) -> None:
         assert ck.steps() == [2, 3]
 
 
-def save_and_wait(ck: Checkpointer, model: PeftModel) -> None:
-    ck.save(4, model)
+def save_and_wait(ck: Checkpointer, save: Callable[[], None]) -> None:
+    save()
     ck.wait()  # where an asynchronous save's failure is raised
 
 
 def checkpoints(rank: int, world: int, root: Path) -> None:
     full_checkpoints(rank, world, root)
     adapter_checkpoints(rank, world, root)
+    per_rank_checkpoints(rank, world, root)
 
 
 def test_checkpointer_on_fsdp2_models(tmp_path: Path) -> None:
-    """One spawn of 2 ranks for the full model and the adapter (each spawn costs seconds of imports)."""
+    """One spawn of 2 ranks for the full model, the adapter and per-rank state dicts (each spawn costs
+    seconds of imports)."""
     run_ranks(checkpoints, 2, tmp_path)
+    check_per_rank_files(tmp_path)
     step3 = tmp_path / "full" / "checkpoint-3"
     assert sorted(p.name for p in step3.iterdir()) == [
         "config.json",
@@ -214,3 +289,28 @@ def test_checkpointer_on_fsdp2_models(tmp_path: Path) -> None:
             assert_same_config(ours / rel, peft / rel)
         assert (ours / "trainer_state.json").read_bytes() == b'{"step": 3}'
         assert json.loads((ours / "fastadapter_checkpoint.json").read_text())["kind"] == "adapter"
+
+
+def check_per_rank_files(root: Path) -> None:
+    """Each rank's part is a safetensors file of its own keys, read by `safe_open`; an empty rank's part
+    has no weights file; a job of another world size is refused; a process that is told its rank reads
+    its part without torch.distributed."""
+    parts = [f"rank-0000{r}-of-00002" for r in range(2)]
+    for async_save in (True, False):
+        ck_root = root / f"per-rank-async-{async_save}"
+        step3 = ck_root / "checkpoint-3"
+        rank_files = {f"{p}/{n}" for p in parts for n in (SAFETENSORS_MODEL, META, "loader.json")}
+        assert tree(step3) == {META, *(f"{p}/" for p in parts), *rank_files}
+        meta = json.loads((step3 / META).read_text())
+        assert (meta["kind"], meta["world_size"], meta["step"]) == ("per_rank", 2, 3)
+        for r, part in enumerate(parts):
+            with safe_open(step3 / part / SAFETENSORS_MODEL, "pt") as f:
+                keys = f.keys()
+                assert_same_state({k: f.get_tensor(k) for k in keys}, rank_state(r, 3))
+            assert json.loads((step3 / part / META).read_text())["extra"] == {"rank": r, "step": 3}
+            assert (step3 / part / "loader.json").read_bytes() == b'{"rank": %d}' % r
+            assert_same_state(Checkpointer(ck_root, rank=r, world_size=2).load(3), rank_state(r, 3))
+        assert tree(ck_root / "checkpoint-2" / parts[1]) == {META, "loader.json"}
+        for world_size in (1, 4):
+            with pytest.raises(WorldSizeError, match=rf"checkpoint-3 .* of 2 ranks.* has {world_size}"):
+                Checkpointer(ck_root, rank=0, world_size=world_size).load(3)
