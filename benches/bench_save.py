@@ -12,7 +12,7 @@ Contenders: fastadapter, PEFT's `save_pretrained`, safetensors' `save_file` of t
 writer alone). Targets (issue 16): fastadapter within 1.2x of the group's `raw_write`, and at least 1.5x
 faster than PEFT in `new_dir` and `overwrite`. `raw_pwritev` is the part of a save no writer of these
 tensors can skip: the same file written from the tensors' own memory (no serialisation, no selection)
-with one `pwritev` per 1 MiB of adjacent tensors, as fastadapter's writer does, into the same kind of
+with one `pwritev` per 1 MiB block of the file, as fastadapter's writer does, into the same kind of
 file as `raw_write`. Against `raw_write` it measures what gathering many separate buffers costs the
 kernel's copy; against fastadapter, what the selection, temp file, rename and side files add.
 
@@ -85,13 +85,14 @@ def writer(contender: str, setting: str, adapter: Adapter, out: Callable[[], Pat
     raise ValueError(f"unknown contender {contender!r}")
 
 
-# Bytes one pwritev carries at most, as in fastadapter's writer (rust/core/src/writer.rs: BATCH_BYTES).
+# The file's blocks that one pwritev fills, as in fastadapter's writer (rust/core/src/writer.rs: BATCH_BYTES).
 BATCH_BYTES = 1 << 20
 
 
 def pwritev_batches(adapter: Adapter) -> list[tuple[int, list[memoryview]]]:
-    """The file `raw_write` writes, as (file offset, buffers) runs of file-adjacent pieces of about
-    1 MiB: the header from the payload, every tensor's bytes from the tensor's own memory."""
+    """The file `raw_write` writes, as (file offset, buffers) runs of file-adjacent pieces, one run per
+    1 MiB block of the file as the writer cuts them: the header from the payload, every tensor's bytes
+    from the tensor's own memory."""
     payload = memoryview(adapter.payload)
     header_len = 8 + int.from_bytes(payload[:8], "little")
     header = json.loads(bytes(payload[8:header_len]))
@@ -102,14 +103,18 @@ def pwritev_batches(adapter: Adapter) -> list[tuple[int, list[memoryview]]]:
         start, end = entry["data_offsets"]
         data = adapter.state_dict[name].detach().reshape(-1).view(torch.uint8).numpy().data
         assert data == payload[header_len + start : header_len + end], name  # the same bytes, from the tensor
-        for k in range(0, len(data), BATCH_BYTES):
-            pieces.append((header_len + start + k, data[k : k + BATCH_BYTES]))
+        k = 0
+        while k < len(data):
+            at = header_len + start + k
+            end = min(len(data), k + BATCH_BYTES - at % BATCH_BYTES)  # cut at the file's block boundaries
+            pieces.append((at, data[k:end]))
+            k = end
     pieces.sort(key=lambda p: p[0])
     batches: list[tuple[int, list[memoryview]]] = []
     size = 0
     for offset, data in pieces:
         last = batches[-1] if batches else None
-        if last is not None and size + len(data) <= BATCH_BYTES and offset == last[0] + size:
+        if last is not None and offset // BATCH_BYTES == last[0] // BATCH_BYTES and offset == last[0] + size:
             last[1].append(data)
             size += len(data)
         else:

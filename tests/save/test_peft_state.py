@@ -78,3 +78,42 @@ def test_sequence_classification_score_head() -> None:
     theirs = get_peft_model_state_dict(model, save_embedding_layers=False)
     assert ours.keys() == theirs.keys()
     assert "base_model.model.score.weight" in ours
+
+
+def _named_like_embeddings() -> nn.Module:
+    """A tree where named_modules' naming rules matter: a module reached twice (named by the first path
+    its preorder meets, and its children under that name only), a None child, a key holding a dot."""
+    shared = nn.Sequential()
+    shared.add_module("lm_head", nn.Linear(2, 2))
+    root = nn.Module()
+    root.add_module("first", nn.Sequential())
+    root.first.add_module("inner", shared)  # met first: `first.inner.lm_head`
+    root.add_module("embed_tokens", shared)  # the same module again: no name of its own, nor its child
+    root.add_module("gone", None)
+    root._modules["x.lm_head"] = nn.Linear(2, 2)  # add_module refuses dots; the dict does not
+    root.add_module("tail", nn.ModuleDict({"embed_tokens": nn.Embedding(3, 2)}))
+    return root
+
+
+class _RenamingModules(nn.Sequential):
+    def named_modules(self, *args: Any, **kwargs: Any) -> Any:
+        for name, module in super().named_modules(*args, **kwargs):
+            yield name.replace("hidden", "lm_head"), module
+
+
+@pytest.mark.parametrize("tree", ["tricky", "override", "llama"])
+def test_embedding_names_are_named_modules_names(tree: str) -> None:
+    from fastadapter._peft_state import EMBEDDING_LAYER_NAMES, names_ending_in
+
+    if tree == "tricky":
+        model = _named_like_embeddings()
+    elif tree == "override":  # a class's own named_modules is what PEFT's check sees
+        model = nn.Sequential()
+        model.add_module("wrapped", _RenamingModules())
+        model.wrapped.add_module("hidden", nn.Linear(2, 2))
+    else:
+        model = _peft_model("embedding-targeted")
+    suffixes = tuple("." + e for e in EMBEDDING_LAYER_NAMES)
+    expected = [k for k, _ in model.named_modules() if k in EMBEDDING_LAYER_NAMES or k.endswith(suffixes)]
+    assert expected, "nothing to find: the comparison would be vacuous"
+    assert names_ending_in(model, EMBEDDING_LAYER_NAMES) == expected
