@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import errno
 import json
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 import torch
@@ -80,16 +81,6 @@ def lora_shards(model: PeftModel) -> dict[str, torch.Tensor]:
     return {k: v.to_local() for k, v in model.state_dict().items() if "lora_" in k}
 
 
-@contextmanager
-def patched(owner: Any, name: str, replacement: Callable[..., Any]) -> Iterator[None]:
-    original = getattr(owner, name)
-    setattr(owner, name, replacement)
-    try:
-        yield
-    finally:
-        setattr(owner, name, original)
-
-
 def no_gather() -> ExitStack:
     """Every way to gather a tensor raises (`full_tensor`, DTensor's all-gather, FSDP2's): DCP's object
     exchanges (`all_gather_object` and the like, through `all_gather`) still work."""
@@ -98,10 +89,10 @@ def no_gather() -> ExitStack:
         raise AssertionError("a rank gathered a tensor")
 
     stack = ExitStack()
-    stack.enter_context(patched(DTensor, "full_tensor", refuse))
-    stack.enter_context(patched(funcol, "all_gather_tensor", refuse))
-    stack.enter_context(patched(c10d, "all_gather_into_tensor", refuse))
-    stack.enter_context(patched(dist, "all_gather_into_tensor", refuse))
+    stack.enter_context(mock.patch.object(DTensor, "full_tensor", refuse))
+    stack.enter_context(mock.patch.object(funcol, "all_gather_tensor", refuse))
+    stack.enter_context(mock.patch.object(c10d, "all_gather_into_tensor", refuse))
+    stack.enter_context(mock.patch.object(dist, "all_gather_into_tensor", refuse))
     return stack
 
 
@@ -188,7 +179,7 @@ def per_rank_checkpoints(rank: int, world: int, root: Path) -> None:
 
     for async_save in (True, False):
         with Checkpointer(root / f"per-rank-async-{async_save}", keep_last=2, async_save=async_save) as ck:
-            with patched(_core, "write_chunks", recording):
+            with mock.patch.object(_core, "write_chunks", recording):
                 for step in (1, 2, 3):
                     state = rank_state(rank, step)
                     files = {"loader.json": b'{"rank": %d}' % rank}
@@ -231,7 +222,7 @@ def failures(rank: int, ck: Checkpointer, save: Callable[[], None]) -> None:
     cases = [(1, "write_chunks"), (0, "write_chunks"), (0, "publish_dir")]
     for failing, function in cases:
         replacement = disk_full if rank == failing else getattr(_core, function)
-        with patched(_core, function, replacement):
+        with mock.patch.object(_core, function, replacement):
             expected = OSError if rank == failing else RankFailedError
             with pytest.raises(expected, match="No space left on device"):
                 save_and_wait(ck, save)

@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 import torch
@@ -72,16 +73,6 @@ def no_gather() -> Iterator[None]:
         yield
     finally:
         DTensor.full_tensor = original  # type: ignore[method-assign]
-
-
-@contextmanager
-def patched(owner: Any, name: str, replacement: Callable[..., Any]) -> Iterator[None]:
-    original = getattr(owner, name)
-    setattr(owner, name, replacement)
-    try:
-        yield
-    finally:
-        setattr(owner, name, original)
 
 
 def lora_state(model: PeftModel) -> dict[str, torch.Tensor]:
@@ -156,7 +147,7 @@ def fail_or_fall_back(rank: int, world: int, root: Path) -> None:
         def disk_full(*args: Any, **kwargs: Any) -> int:
             raise OSError(errno.ENOSPC, "No space left on device")
 
-        with patched(_core, "write_chunks", disk_full if rank == failing else _core.write_chunks):
+        with mock.patch.object(_core, "write_chunks", disk_full if rank == failing else _core.write_chunks):
             expected = OSError if rank == failing else RankFailedError
             with pytest.raises(expected, match="No space left on device"):
                 fastadapter.save(model, out, is_main_process=rank == 0)
@@ -171,7 +162,7 @@ def fail_or_fall_back(rank: int, world: int, root: Path) -> None:
         def commit(self) -> None:
             raise OSError(errno.EIO, "Input/output error", str(out / SAFETENSORS))
 
-    with patched(_sharded_save, "FileSet", PublishFails if rank == 0 else FileSet):
+    with mock.patch.object(_sharded_save, "FileSet", PublishFails if rank == 0 else FileSet):
         expected = OSError if rank == 0 else RankFailedError
         with pytest.raises(expected, match=f"Input/output error: '{out / SAFETENSORS}'"):
             fastadapter.save(model, out, is_main_process=rank == 0)
@@ -197,8 +188,8 @@ def fail_or_fall_back(rank: int, world: int, root: Path) -> None:
         return gather(weights)
 
     with (
-        patched(_sharded_save, "_exchange", elsewhere if rank == 1 else exchange),
-        patched(_sharded_save, "full_tensors", counted),
+        mock.patch.object(_sharded_save, "_exchange", elsewhere if rank == 1 else exchange),
+        mock.patch.object(_sharded_save, "full_tensors", counted),
     ):
         fastadapter.save(model, out, is_main_process=rank == 0)
     dist.barrier()
