@@ -9,6 +9,7 @@ exactly as they were.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from collections.abc import Iterator, Sequence
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from ._write_ahead import WriteAheads
     from .hosts import AdapterHost
 
 __all__ = ["adapter_files", "save"]
@@ -86,22 +88,41 @@ def save(
 
         save_sharded(planned, save_directory, is_main_process, fsync)
         return
-    save_planned(planned, save_directory, safe_serialization, fsync)
+    ahead = None
+    if is_main_process and safe_serialization and path_initial_model_for_weight_conversion is None:
+        from ._write_ahead import WriteAheads
+
+        # Started before the selection runs (the generator runs it as save_planned consumes it).
+        weights = [os.path.join(subdir, ADAPTER_WEIGHTS) for _, subdir in _layout(model, selected_adapters)]
+        ahead = WriteAheads(model, save_directory, weights, fsync)
+    save_planned(planned, save_directory, safe_serialization, fsync, ahead)
 
 
 def save_planned(
-    planned: Iterator[PlannedFile], save_directory: str, safe_serialization: bool, fsync: bool
+    planned: Iterator[PlannedFile],
+    save_directory: str,
+    safe_serialization: bool,
+    fsync: bool,
+    ahead: WriteAheads | None = None,
 ) -> None:
     """Stage every planned file, then publish them all: the main process's part of a save. For sharded
-    weights `planned` must come from `adapter_files(gather=True)`: every rank gathers the adapter."""
-    with FileSet() as files:
+    weights `planned` must come from `adapter_files(gather=True)`: every rank gathers the adapter.
+    `ahead`: weights files already being written from the model's last save, used where the selection
+    gives the same tensors."""
+    with FileSet() as files, ahead or contextlib.nullcontext():
         for relative, payload in planned:
             target = os.path.join(save_directory, relative)
             os.makedirs(os.path.dirname(target), exist_ok=True)
             if isinstance(payload, bytes):
                 files.stage_bytes(target, payload, fsync)
             elif safe_serialization:
-                stage_weights(files, target, payload, fsync)
+                written = ahead.take(relative, payload) if ahead is not None else None
+                if written is not None:
+                    files.add(written, large=True)
+                else:
+                    stage_weights(files, target, payload, fsync)
+                if ahead is not None:
+                    ahead.remember(relative, payload)
             else:
                 _stage_bin(files, target, payload)
 
@@ -109,6 +130,12 @@ def save_planned(
 # What one adapter save consists of: (path relative to the save directory, content); weights are
 # given as the state dict under the safetensors name, the caller decides how to serialise them.
 PlannedFile = tuple[str, "dict[str, torch.Tensor] | bytes"]
+
+
+def _layout(model: nn.Module, selected_adapters: Sequence[str] | None) -> list[tuple[str, str]]:
+    from .hosts import host_for
+
+    return host_for(model).save_layout(selected_adapters)
 
 
 def adapter_files(
