@@ -41,6 +41,7 @@ are the same as above: a sharded adapter's checkpoint holds `fastadapter.save`'s
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import json
 import os
@@ -64,6 +65,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from ._snapshot import SnapshotBuffer
+    from ._write_ahead import WriteAheads
 
 __all__ = ["Checkpointer"]
 
@@ -202,16 +204,20 @@ class Checkpointer:
             return
         if self.rank != 0 and not per_rank:
             return  # shared files are written by rank 0 only
-        big, small = self._plan(step, model_or_state_dict, meta, per_rank)
-        small.append((META_NAME, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()))
-        taken = {name for name, *_ in big} | {name for name, _ in small}
-        for name, data in (files or {}).items():
-            if name in taken:
-                raise ValueError(f"extra file {name!r} clashes with a checkpoint file")
-            small.append((name, bytes(data)))
-        if not self.async_save and not per_rank and _in_place(big, small):
-            self._write_in_place(step, big, small)
-            return
+        staging = None
+        if not self.async_save and not per_rank:
+            staging = _Staging(self.root, self.path(step), model_or_state_dict, self.fsync)
+        with staging or contextlib.nullcontext():
+            big, small = self._plan(step, model_or_state_dict, meta, per_rank)
+            small.append((META_NAME, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()))
+            taken = {name for name, *_ in big} | {name for name, _ in small}
+            for name, data in (files or {}).items():
+                if name in taken:
+                    raise ValueError(f"extra file {name!r} clashes with a checkpoint file")
+                small.append((name, bytes(data)))
+            if staging is not None and _in_place(big, small):
+                self._write_in_place(step, big, small, staging)
+                return
         from ._snapshot import take
 
         buffer = self._acquire()
@@ -240,6 +246,7 @@ class Checkpointer:
         step: int,
         big: list[tuple[str, Mapping[str, torch.Tensor], Mapping[str, str] | None]],
         small: list[tuple[str, bytes]],
+        staging: _Staging,
     ) -> None:
         """`async_save=False` with every tensor in host memory: the caller waits for the files anyway, so
         no snapshot is taken; each file goes straight from the tensors into a hidden staging directory
@@ -247,25 +254,25 @@ class Checkpointer:
         staging name, so a killed writer's leftovers are cleaned the same way). One copy of the bytes
         instead of two: the snapshot copy was most of what the sync save spent above one `write()` of
         the same bytes (bench_save_sync.py). The shards of a model are written several at once, as
-        `publish_checkpoint(parallel=True)` writes them."""
+        `publish_checkpoint(parallel=True)` writes them; an adapter's weights may already be written
+        (`_Staging`)."""
         from ._tensors import write_records
 
-        os.makedirs(self.root, exist_ok=True)
-        staging = hidden_temp_path(self.root, os.path.basename(self.path(step)))
-        os.mkdir(staging)
-        try:
-            files = [
-                (os.path.join(staging, name), write_records(tensors), dict(metadata or {}))
-                for name, tensors, metadata in big
-            ]
-            for pending in _core.write_safetensors_files(files, self.fsync):
-                pending.commit()
-            for name, data in small:
-                _core.stage_bytes(os.path.join(staging, name), data, self.fsync).commit()
-            _core.publish_dir(staging, self.path(step), self.fsync)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        files = []
+        for name, tensors, metadata in big:
+            written = staging.ahead.take(name, tensors) if staging.ahead is not None else None
+            if written is not None:
+                written.commit()
+            else:
+                files.append((os.path.join(staging.path, name), write_records(tensors), dict(metadata or {})))
+            if staging.ahead is not None:
+                staging.ahead.remember(name, tensors)
+        for pending in _core.write_safetensors_files(files, self.fsync):
+            pending.commit()
+        for name, data in small:
+            _core.stage_bytes(os.path.join(staging.path, name), data, self.fsync).commit()
+        _core.publish_dir(staging.path, self.path(step), self.fsync)
+        staging.published = True
         if self.rank == 0 and self.keep_last is not None:
             _core.rotate_checkpoints(self.root, self.keep_last, step)
 
@@ -766,6 +773,37 @@ def _rank_error(e: Any, rank: int, path: str) -> BaseException:
     return RankFailedError(
         f"saving {path}: rank {failed} failed, so nothing was published: {type(error).__name__}: {error}"
     )
+
+
+class _Staging:
+    """The hidden directory a synchronous checkpoint is written into (`hidden_temp_path`, as
+    `publish_checkpoint` names it), made before the tensors are selected: the weights file of a model's
+    adapter is then written ahead from its last save's tensors while the selection runs (see
+    `_write_ahead`; only a top-level file, as `_in_place` takes). Removed on exit unless published."""
+
+    def __init__(self, root: str, final: str, obj: Any, fsync: bool) -> None:
+        from torch import nn
+
+        os.makedirs(root, exist_ok=True)
+        self.path = hidden_temp_path(root, os.path.basename(final))
+        os.mkdir(self.path)
+        self.published = False
+        self.ahead: WriteAheads | None = None
+        if isinstance(obj, nn.Module) and _has_adapters(obj):
+            from ._write_ahead import WriteAheads
+
+            self.ahead = WriteAheads(obj, self.path, [ADAPTER_WEIGHTS], fsync)
+
+    def __enter__(self) -> _Staging:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if self.ahead is not None:
+                self.ahead.__exit__()
+        finally:
+            if not self.published:
+                shutil.rmtree(self.path, ignore_errors=True)
 
 
 def _has_adapters(obj: Any) -> bool:

@@ -19,7 +19,7 @@ from peft import PeftModel
 from torch import nn
 
 import fastadapter
-from fastadapter import _write_ahead
+from fastadapter import Checkpointer, _write_ahead
 from helpers import (
     SAFETENSORS,
     add_perturbed_adapter,
@@ -143,6 +143,27 @@ def test_a_save_after_a_change_writes_what_peft_writes(
     fastadapter.save(model, tmp_path / "peft", fsync=fsync)
     assert_same_files(tmp_path / "ours", tmp_path / "peft")
     assert leftovers(tmp_path / "peft") == []
+
+
+# With a second adapter (in a subdirectory) the sync Checkpointer takes the snapshot path: not here.
+ONE_ADAPTER = sorted(c for c in CHANGES if c not in ("add_an_adapter", "delete_the_other_adapter"))
+
+
+@pytest.mark.parametrize("change", ONE_ADAPTER)
+def test_a_sync_checkpoint_after_a_change_holds_what_peft_writes(
+    tmp_path: Path, taken: list[bool], change: str
+) -> None:
+    # Checkpointer(async_save=False) writes the adapter's weights ahead into its staging directory.
+    make_change, kept = CHANGES[change]
+    model = make_peft(tiny_llama(attention_bias=True), lora_config(target_modules=["q_proj", "o_proj"]))
+    ck = Checkpointer(tmp_path / "ck", async_save=False, fsync=False)
+    ck.save(1, model)
+    make_change(model)
+    ck.save(2, model)
+    assert taken[:1] == kept, taken
+    save_with_peft(model, tmp_path / "peft")
+    assert (Path(ck.path(2)) / SAFETENSORS).read_bytes() == (tmp_path / "peft" / SAFETENSORS).read_bytes()
+    assert leftovers(tmp_path / "ck") == []
 
 
 def test_a_failing_selection_leaves_no_file_written_ahead(
