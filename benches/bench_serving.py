@@ -11,9 +11,12 @@ each adapter r=16 on q/k/v/o (8 MB in fp32), written once with random weights.
 - loads: N adapters loaded one after another into one model (`fastadapter.load(model, dir, f"x{i}")`),
   per host: fastadapter's own layers (`layers="fastadapter"`), a PeftModel, a transformers model; PEFT's
   own `load_adapter` on a PeftModel as the peer. Reported: the median of the first and of the last 10
-  loads (a load on this VM takes 7 or 14 ms at random: one slow load moves a mean of 10 by a tenth).
-- switch: `set_adapter` alternating between two adapters, with 2 and with N loaded, per host; PEFT's
-  `PeftModel.set_adapter` as the peer.
+  loads (a load on this VM takes 7 or 14 ms at random: one slow load moves a mean of 10 by a tenth), and
+  the last 10 against loads made round by round beside them into a reference model that holds one
+  adapter besides its first (each deleted again, untimed): the VM's speed moves in steps of up to 2x
+  within minutes, and the reference sees the same steps.
+- switch: `set_adapter` alternating between two adapters on a model holding 2 and on one holding N,
+  switch by switch in turn, per host; PEFT's `PeftModel.set_adapter` as the peer.
 - hotswap: `fastadapter.hotswap` vs PEFT's `hotswap_adapter` on a PeftModel (same file, warm cache), per
   host and per kind of weights (see `swap_model`), and two floors: read the file once (one `read()` into
   a page-aligned buffer), and the copy alone that a swap into weights of their own makes (`read_chunks`
@@ -114,28 +117,50 @@ def first_loaded(host: str, directory: Path) -> nn.Module:
     return fastadapter.load(base, directory, "x0")  # transformers' integration
 
 
-def load_times(host: str, dirs: list[Path]) -> list[float]:
-    model = first_loaded(host, dirs[0])
-    out = []
+def load_once(model: nn.Module, host: str, directory: Path, name: str) -> float:
+    if host == "peft_load_adapter":
+        return timed(lambda: model.load_adapter(str(directory), adapter_name=name))  # type: ignore[operator]
+    return timed(lambda: fastadapter.load(model, directory, name))
+
+
+def load_times(host: str, dirs: list[Path]) -> tuple[list[float], list[float]]:
+    """Per-load times into a model that keeps every adapter (the count grows), and, round by round beside
+    them, into a reference model that holds one adapter besides its first (each load deleted again,
+    untimed): the VM's speed moves in steps of up to 2x, and the reference sees the same steps."""
+    model, reference = first_loaded(host, dirs[0]), first_loaded(host, dirs[0])
+    delete = (
+        reference.delete_adapter
+        if host == "peft_load_adapter"
+        else partial(fastadapter.delete_adapter, reference)
+    )
+    growing, steady = [], []
     for i, d in enumerate(dirs[1:], start=1):
-        if host == "peft_load_adapter":
-            out.append(timed(lambda: model.load_adapter(str(d), adapter_name=f"x{i}")))  # noqa: B023
-        else:
-            out.append(timed(lambda: fastadapter.load(model, d, f"x{i}")))  # noqa: B023
-    return out
+        growing.append(load_once(model, host, d, f"x{i}"))
+        steady.append(load_once(reference, host, d, "y"))
+        delete("y")
+    return growing, steady
 
 
 def bench_loads(dirs: list[Path]) -> dict[str, Any]:
     rows = {}
     for host in ("fastadapter", "peft", "transformers", "peft_load_adapter"):
         n = N_PEFT_LOADS if host == "peft_load_adapter" else N_LOADS
-        times = load_times(host, dirs[: n + 1])
+        times, reference = load_times(host, dirs[: n + 1])
         gc.collect()
         first, last = statistics.median(times[:10]), statistics.median(times[-10:])
-        rows[host] = {"n": n, "first10_ms": first * 1e3, "last10_ms": last * 1e3, "ratio": last / first}
+        beside = statistics.median(reference[-10:])
+        rows[host] = {
+            "n": n,
+            "first10_ms": first * 1e3,
+            "last10_ms": last * 1e3,
+            "ratio": last / first,
+            "reference_last10_ms": beside * 1e3,
+            "ratio_to_reference": last / beside,
+        }
         print(
             f"loads  {host:20s} n={n:3d} first10 {first * 1e3:7.2f} ms  last10 {last * 1e3:7.2f} ms  "
-            f"last/first {last / first:5.2f}",
+            f"last/first {last / first:5.2f}  reference beside last10 {beside * 1e3:7.2f} ms  "
+            f"last/reference {last / beside:5.2f}",
             flush=True,
         )
     return rows
@@ -144,31 +169,35 @@ def bench_loads(dirs: list[Path]) -> dict[str, Any]:
 # --- switch -----------------------------------------------------------------------------------------------
 
 
-def switch_time(model: nn.Module, host: str, names: list[str], rounds: int = 200) -> float:
+def switcher(model: nn.Module, host: str) -> Callable[[str], Any]:
     if host == "peft_set_adapter":
-        switch: Callable[[str], Any] = model.set_adapter  # type: ignore[assignment]
-    else:
-        switch = lambda name: fastadapter.set_adapter(model, name)  # noqa: E731
-    times = [timed(lambda: switch(names[i % 2])) for i in range(rounds)]  # noqa: B023
-    return statistics.median(times)
+        return model.set_adapter  # type: ignore[return-value]
+    return partial(fastadapter.set_adapter, model)
 
 
-def bench_switch(dirs: list[Path]) -> dict[str, Any]:
+def bench_switch(dirs: list[Path], rounds: int = 200) -> dict[str, Any]:
+    """`set_adapter` on a model holding 2 adapters and on one holding N, switch by switch in turn (so
+    both see the same moments of the VM), each alternating between two of its adapters."""
     rows = {}
     for host in ("fastadapter", "peft", "transformers", "peft_set_adapter"):
-        model = first_loaded("peft" if host == "peft_set_adapter" else host, dirs[0])
-        fastadapter.load(model, dirs[1], "x1")
-        two = switch_time(model, host, ["x0", "x1"])
-        for i in range(2, N_SWITCH):
-            fastadapter.load(model, dirs[i], f"x{i}")
-        many = switch_time(model, host, ["x0", f"x{N_SWITCH - 1}"])
-        rows[host] = {"with_2_ms": two * 1e3, f"with_{N_SWITCH}_ms": many * 1e3, "ratio": many / two}
+        few = first_loaded("peft" if host == "peft_set_adapter" else host, dirs[0])
+        many = first_loaded("peft" if host == "peft_set_adapter" else host, dirs[0])
+        fastadapter.load(few, dirs[1], "x1")
+        for i in range(1, N_SWITCH):
+            fastadapter.load(many, dirs[i], f"x{i}")
+        on_few, on_many = switcher(few, host), switcher(many, host)
+        last = f"x{N_SWITCH - 1}"
+        two, lots = interleaved(
+            [lambda i: on_few(("x0", "x1")[i % 2]), lambda i: on_many(("x0", last)[i % 2])],  # noqa: B023
+            rounds,
+        )
+        rows[host] = {"with_2_ms": two * 1e3, f"with_{N_SWITCH}_ms": lots * 1e3, "ratio": lots / two}
         print(
-            f"switch {host:20s} with 2 {two * 1e3:7.3f} ms  with {N_SWITCH} {many * 1e3:7.3f} ms  "
-            f"ratio {many / two:5.2f}",
+            f"switch {host:20s} with 2 {two * 1e3:7.3f} ms  with {N_SWITCH} {lots * 1e3:7.3f} ms  "
+            f"ratio {lots / two:5.2f}",
             flush=True,
         )
-        del model
+        del few, many
         gc.collect()
     return rows
 
