@@ -22,7 +22,8 @@ previous round is freed first: pages a process still maps are not dropped.
 
 Group `warm load <adapter>`: the same loads with the file in the page cache, against `floor` (map the
 file and read every tensor once), so that a change for the cold path shows what it costs the warm one.
-Disk timings are noisy: compare within one run, medians of several rounds.
+Disk timings are noisy: compare within one run; each contender's rounds come in blocks interleaved with
+the others' and are pooled (medians).
 """
 
 from __future__ import annotations
@@ -57,7 +58,11 @@ COLD = (
 )
 WARM = ("fastadapter", "fastadapter_hotswap", "peft_low_cpu_mem", "floor")
 READERS = {"read_sequential": (1, False), "read_parallel": (4, False), "read_direct": (4, True)}
-ROUNDS = 1 if QUICK else 7
+# Each contender's rounds come in blocks that take turns with the other contenders' (the order rotated
+# block by block): the disk's speed drifts over minutes, and a contender timed all at once sees one
+# stretch of it. compare.py pools a contender's blocks.
+BLOCKS = 1 if QUICK else 3
+ROUNDS = 1 if QUICK else 3
 REQUEST = 4 << 20
 PAGE = mmap.PAGESIZE
 LOCK = "/tmp/fastadapter-bench.lock"
@@ -204,12 +209,20 @@ class Round:
         return 0.0
 
 
-def measure(benchmark: Any, cold_adapter: tuple[str, Path, Path], contender: str, cold: bool) -> None:
+def schedule(contenders: tuple[str, ...]) -> list[tuple[int, str]]:
+    n = len(contenders)
+    return [(b, contenders[(b + i) % n]) for b in range(BLOCKS) for i in range(n)]
+
+
+def measure(
+    benchmark: Any, cold_adapter: tuple[str, Path, Path], contender: str, cold: bool, block: int
+) -> None:
     name, directory, other = cold_adapter
     r = Round(contender, name, directory, other, cold)
     benchmark.group = f"{'cold' if cold else 'warm'} load {name}"
     benchmark.extra_info.update(
         contender=contender,
+        block=block,
         adapter=name,
         bytes=r.path.stat().st_size,
         tensors=len(SafetensorsFile(str(r.path))),
@@ -224,11 +237,11 @@ def measure(benchmark: Any, cold_adapter: tuple[str, Path, Path], contender: str
     gc.collect()
 
 
-@pytest.mark.parametrize("contender", COLD)
-def test_cold_load(benchmark: Any, cold_adapter: tuple[str, Path, Path], contender: str) -> None:
-    measure(benchmark, cold_adapter, contender, cold=True)
+@pytest.mark.parametrize(("block", "contender"), schedule(COLD), ids=[f"b{b}-{c}" for b, c in schedule(COLD)])
+def test_cold_load(benchmark: Any, cold_adapter: tuple[str, Path, Path], block: int, contender: str) -> None:
+    measure(benchmark, cold_adapter, contender, cold=True, block=block)
 
 
-@pytest.mark.parametrize("contender", WARM)
-def test_warm_load(benchmark: Any, cold_adapter: tuple[str, Path, Path], contender: str) -> None:
-    measure(benchmark, cold_adapter, contender, cold=False)
+@pytest.mark.parametrize(("block", "contender"), schedule(WARM), ids=[f"b{b}-{c}" for b, c in schedule(WARM)])
+def test_warm_load(benchmark: Any, cold_adapter: tuple[str, Path, Path], block: int, contender: str) -> None:
+    measure(benchmark, cold_adapter, contender, cold=False, block=block)
