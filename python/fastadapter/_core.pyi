@@ -12,6 +12,7 @@ __all__ = [
     "PendingFile",
     "Progress",
     "SafetensorsFile",
+    "WriteJob",
     "__version__",
     "checkpoint_steps",
     "clean_stale_checkpoints",
@@ -27,6 +28,7 @@ __all__ = [
     "select_keys",
     "stage_bytes",
     "stage_sized",
+    "start_write_safetensors",
     "wait_released",
     "write_chunks",
     "write_safetensors",
@@ -111,6 +113,19 @@ def write_safetensors_files(
     ],
     fsync: bool = False,
 ) -> list[PendingFile]: ...
+
+@final
+class WriteJob:
+    """A safetensors file being written by a Rust thread; dropping it discards the file."""
+
+    def wait(self) -> PendingFile: ...
+
+def start_write_safetensors(
+    path: str | PathLike[str],
+    tensors: Sequence[tuple[str, str, Sequence[int], Buffer]],
+    metadata: dict[str, str] | None = None,
+    fsync: bool = False,
+) -> WriteJob: ...
 def stage_bytes(path: str | PathLike[str], data: Buffer, fsync: bool = False) -> PendingFile: ...
 def stage_sized(
     path: str | PathLike[str],
@@ -123,7 +138,8 @@ def stage_sized(
     bytes in all; other processes write the rest (``write_chunks``) before ``commit()``."""
 
 def wait_released() -> None:
-    """Wait until files replaced by earlier commits are freed (that happens on a background thread)."""
+    """Wait until files replaced by earlier commits are freed and replaced checkpoint directories deleted
+    (that happens on a background thread)."""
 
 def plan_header(
     tensors: Sequence[tuple[str, str, Sequence[int], int]],

@@ -4,7 +4,7 @@ Training saves the same model every N steps. Selecting the adapter's tensors (a 
 and writing them (the kernel copying the bytes) take turns on one thread, although the writer releases
 the GIL. So `fastadapter.save` remembers which tensors each weights file held (their keys and the
 tensor objects, weakly) and, on the next save of that model, writes a file from those tensors on a
-second thread while the selection runs. The file is kept only if the selection then gives the same
+Rust thread while the selection runs. The file is kept only if the selection then gives the same
 keys with the very same tensor objects: its bytes are then exactly what writing the selection would
 give (the records were taken from those objects at the start of this save, and nothing ran between but
 the selection). Otherwise it is discarded and the selection written as usual: nothing is trusted that
@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import operator
 import os
-import threading
 import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -34,40 +33,36 @@ _LAST: weakref.WeakKeyDictionary[nn.Module, dict[str, tuple[list[str], list[weak
 
 
 class _Ahead:
-    """One weights file being written from the tensors its last save held."""
+    """One weights file being written (by a Rust thread, no GIL needed) from the tensors its last save
+    held."""
 
-    def __init__(self, target: str, keys: list[str], tensors: list[torch.Tensor], fsync: bool) -> None:
-        from ._tensors import write_records
-
+    def __init__(self, job: _core.WriteJob, keys: list[str], tensors: list[torch.Tensor]) -> None:
+        self.job: _core.WriteJob | None = job
         self.keys, self.tensors = keys, tensors
-        records = write_records(dict(zip(keys, tensors, strict=True)))
-        self.pending: _core.PendingFile | None = None
-        self._thread = threading.Thread(
-            target=self._write, args=(target, records, fsync), name="fastadapter-write-ahead", daemon=True
-        )
-        self._thread.start()
-
-    def _write(self, target: str, records: list[Any], fsync: bool) -> None:
-        # A failure stages nothing: the save then writes the selection itself and meets the error there.
-        with contextlib.suppress(Exception):
-            self.pending = _core.write_safetensors(target, records, {"format": "pt"}, fsync)
 
     def take(self, weights: Mapping[str, torch.Tensor]) -> _core.PendingFile | None:
         """The staged file, if `weights` are the tensors it was written from; else None (discarded)."""
-        self._thread.join()
         same = list(weights) == self.keys and all(map(operator.is_, weights.values(), self.tensors))
-        pending, self.pending = self.pending, None
-        if same and pending is not None:
+        pending = self._wait()
+        if same:
             return pending
         if pending is not None:
             pending.discard()
         return None
 
     def discard(self) -> None:
-        self._thread.join()
-        if self.pending is not None:
-            self.pending.discard()
-            self.pending = None
+        pending = self._wait()
+        if pending is not None:
+            pending.discard()
+
+    def _wait(self) -> _core.PendingFile | None:
+        job, self.job = self.job, None
+        if job is None:
+            return None
+        # A failure stages nothing: the save then writes the selection itself and meets the error there.
+        with contextlib.suppress(Exception):
+            return job.wait()
+        return None
 
 
 class WriteAheads:
@@ -84,6 +79,8 @@ class WriteAheads:
             raise
 
     def _start(self, save_directory: str, weights_files: list[str], fsync: bool) -> None:
+        from ._tensors import write_records
+
         last = _LAST.get(self.model, {})
         for relative in weights_files:
             held = last.get(relative)
@@ -94,8 +91,13 @@ class WriteAheads:
             if len(alive) < len(tensors) or any(t.device.type != "cpu" for t in alive):
                 continue  # device tensors take the pinned snapshot path (save.stage_weights)
             target = os.path.join(save_directory, relative)
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            self._started[relative] = _Ahead(target, held[0], alive, fsync)
+            try:
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                records = write_records(dict(zip(held[0], alive, strict=True)))
+                job = _core.start_write_safetensors(target, records, {"format": "pt"}, fsync)
+            except Exception:  # e.g. a tensor no longer writable: maybe not selected now, nothing to raise
+                continue
+            self._started[relative] = _Ahead(job, held[0], alive)
 
     def take(self, relative: str, weights: Mapping[str, torch.Tensor]) -> _core.PendingFile | None:
         ahead = self._started.pop(relative, None)

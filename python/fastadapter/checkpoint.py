@@ -40,6 +40,7 @@ are the same as above: a sharded adapter's checkpoint holds `fastadapter.save`'s
 
 from __future__ import annotations
 
+import atexit
 import collections
 import contextlib
 import errno
@@ -68,6 +69,10 @@ if TYPE_CHECKING:
     from ._write_ahead import WriteAheads
 
 __all__ = ["Checkpointer"]
+
+# A replaced checkpoint directory is deleted on the core's release thread (`replace_dir`), which dies
+# with the interpreter: let the deletions queued by the end finish (a no-op if nothing was queued).
+atexit.register(_core.wait_released)
 
 META_NAME = "fastadapter_checkpoint.json"
 FORMAT = "fastadapter-checkpoint"

@@ -135,6 +135,20 @@ def test_a_shard_failing_among_parallel_writes_publishes_nothing(tmp_path: Path)
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-1"]  # the staging directory is gone
 
 
+def test_a_replaced_checkpoint_is_deleted_before_the_interpreter_exits(tmp_path: Path) -> None:
+    # Replacing a step hands the old directory to the release thread, which dies with the interpreter: a
+    # script whose last act is that save must not leave it behind.
+    code = (
+        "import sys, torch\nfrom fastadapter import Checkpointer\n"
+        "ck = Checkpointer(sys.argv[1], async_save=False, fsync=False, max_shard_size=1 << 20)\n"
+        "state = {f'w{i}': torch.full((1 << 18,), float(i)) for i in range(64)}\n"
+        "ck.save(3, state)\nck.save(3, state)\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint-3"]
+    assert len(list((tmp_path / "checkpoint-3").glob("model-*.safetensors"))) == 64
+
+
 def test_pending_save_is_finished_at_interpreter_exit(tmp_path: Path) -> None:
     """A script that never calls wait()/close(): its last checkpoint is still written (the writer
     thread would otherwise die with the interpreter)."""

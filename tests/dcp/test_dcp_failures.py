@@ -76,9 +76,11 @@ def test_rank_killed_mid_save_leaves_the_previous_checkpoint(tmp_path: Path) -> 
     leftovers = [p.name for p in tmp_path.iterdir() if p.name != "ckpt"]
     assert leftovers
     assert all(name.startswith(".ckpt.tmp-") for name in leftovers)
-    # ... which the next save to the same path removes (its writer is gone).
+    # ... which the next save to the same path removes (its writer is gone). The checkpoint that save
+    # replaces is deleted on the release thread.
     with pytest.warns(UserWarning, match="single process"):
         dcp.save({"w0": torch.ones(2)}, storage_writer=StorageWriter(path, sync_files=False), no_dist=True)
+    core.wait_released()
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
 
 

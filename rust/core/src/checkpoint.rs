@@ -338,9 +338,9 @@ fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir).and_then(|d| d.sync_all()).at(dir)
 }
 
-/// Move `staging` to `target`. If `target` exists, swap the two atomically and delete the old one
-/// (now at `staging`); where the file system cannot swap, fall back to moving the old one aside first,
-/// which leaves a moment with no `target` but never a mixed one.
+/// Move `staging` to `target`. If `target` exists, swap the two atomically and hand the old one (now at
+/// `staging`) to the release thread to delete; where the file system cannot swap, fall back to moving
+/// the old one aside first, which leaves a moment with no `target` but never a mixed one.
 pub(crate) fn replace_dir(staging: &Path, target: &Path) -> Result<()> {
     match fs::rename(staging, target) {
         Ok(()) => return Ok(()),
@@ -355,15 +355,18 @@ pub(crate) fn replace_dir(staging: &Path, target: &Path) -> Result<()> {
         rustix::fs::RenameFlags::EXCHANGE,
     ) {
         Ok(()) => {
-            // `staging` now holds the old checkpoint.
-            fs::remove_dir_all(staging).at(staging)
+            // `staging` now holds the old checkpoint, under a hidden name: freeing its files takes as
+            // long as writing them, so it is removed off the caller's thread (`release`).
+            crate::release::remove_later(staging.to_path_buf());
+            Ok(())
         }
         Err(rustix::io::Errno::INVAL | rustix::io::Errno::NOSYS) => {
             let aside =
                 staging.with_extension(format!("del-{}-{:016x}", std::process::id(), random_u64()));
             fs::rename(target, &aside).at(target)?;
             fs::rename(staging, target).at(target)?;
-            fs::remove_dir_all(&aside).at(&aside)
+            crate::release::remove_later(aside);
+            Ok(())
         }
         Err(e) => Err(Error::io(target, e.into())),
     }
@@ -411,6 +414,7 @@ mod tests {
                 assert_eq!(&read(&dir, name), bytes, "{name}");
             }
         }
+        crate::release::wait_released(); // the replaced checkpoint is removed on the release thread
         assert!(hidden(root.path()).is_empty(), "{:?}", hidden(root.path()));
         assert_eq!(steps(root.path()).unwrap(), vec![7]);
     }
@@ -425,6 +429,7 @@ mod tests {
         let dir = publish(root.path(), 1, &files(&new), &opts).unwrap();
         assert_eq!(read(&dir, "x"), b"new");
         assert!(!dir.join("only-old").exists());
+        crate::release::wait_released(); // the old checkpoint, hidden, is removed on the release thread
         assert!(hidden(root.path()).is_empty());
     }
 

@@ -10,6 +10,7 @@
 //! returns, and the old inode is unreachable whether or not its space is given back yet.
 
 use std::fs::File;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Sender, SyncSender};
 use std::sync::{Mutex, OnceLock};
@@ -24,12 +25,14 @@ static QUEUED: AtomicUsize = AtomicUsize::new(0);
 
 enum Job {
     Close(File),
+    Remove(PathBuf),
     /// Answered once every job sent before it is done.
     Barrier(SyncSender<()>),
 }
 
+static RELEASER: OnceLock<Option<Mutex<Sender<Job>>>> = OnceLock::new();
+
 fn releaser() -> Option<&'static Mutex<Sender<Job>>> {
-    static RELEASER: OnceLock<Option<Mutex<Sender<Job>>>> = OnceLock::new();
     RELEASER
         .get_or_init(|| {
             let (tx, rx) = mpsc::channel::<Job>();
@@ -40,6 +43,10 @@ fn releaser() -> Option<&'static Mutex<Sender<Job>>> {
                         match job {
                             Job::Close(file) => {
                                 drop(file);
+                                QUEUED.fetch_sub(1, Ordering::AcqRel);
+                            }
+                            Job::Remove(path) => {
+                                let _ = std::fs::remove_dir_all(&path);
                                 QUEUED.fetch_sub(1, Ordering::AcqRel);
                             }
                             Job::Barrier(done) => {
@@ -79,10 +86,31 @@ pub fn close_later(file: File) {
     }
 }
 
-/// Wait until every file handed to [`close_later`] before this call is closed (tests, and callers that
-/// need the space back now).
-pub fn wait_released() {
+/// Remove the directory tree at `path` on the release thread (or here, as [`close_later`] closes): a
+/// replaced checkpoint, already renamed to a hidden name that nothing reads, whose files are freed as a
+/// replaced file is. A failure there is ignored: the hidden directory is then a leftover that
+/// `checkpoint::clean_stale` removes once this process is gone.
+pub fn remove_later(path: PathBuf) {
     let Some(releaser) = releaser() else {
+        let _ = std::fs::remove_dir_all(&path);
+        return;
+    };
+    if QUEUED.fetch_add(1, Ordering::AcqRel) >= MAX_QUEUED {
+        QUEUED.fetch_sub(1, Ordering::AcqRel);
+        let _ = std::fs::remove_dir_all(&path);
+        return;
+    }
+    if let Err(mpsc::SendError(Job::Remove(path))) = send(releaser, Job::Remove(path)) {
+        QUEUED.fetch_sub(1, Ordering::AcqRel);
+        let _ = std::fs::remove_dir_all(&path);
+    }
+}
+
+/// Wait until every file handed to [`close_later`] and every directory handed to [`remove_later`]
+/// before this call is released (tests, and callers that need the space back now).
+pub fn wait_released() {
+    // Never started: nothing was handed over (and a process exiting starts no thread for this).
+    let Some(releaser) = RELEASER.get().and_then(Option::as_ref) else {
         return;
     };
     let (done_tx, done_rx) = mpsc::sync_channel(1);
@@ -100,6 +128,17 @@ mod tests {
             .unwrap()
             .filter_map(|e| std::fs::read_link(e.unwrap().path()).ok())
             .any(|target| target == path)
+    }
+
+    #[test]
+    fn queued_directories_are_removed_by_the_barrier() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = dir.path().join(".checkpoint-3.tmp-1-0123456789abcdef");
+        std::fs::create_dir_all(old.join("sub")).unwrap();
+        std::fs::write(old.join("sub").join("model.safetensors"), b"x").unwrap();
+        remove_later(old.clone());
+        wait_released();
+        assert!(!old.exists(), "{} is still there", old.display());
     }
 
     #[test]

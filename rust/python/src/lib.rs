@@ -18,6 +18,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<reader::SafetensorsFile>()?;
     m.add_class::<writer::PendingFile>()?;
+    m.add_class::<writer::WriteJob>()?;
     m.add_class::<convert::Progress>()?;
     m.add_class::<checkpoint::CheckpointJob>()?;
     m.add_function(wrap_pyfunction!(checkpoint::publish_checkpoint, m)?)?;
@@ -28,6 +29,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(reader::map_file_over, m)?)?;
     m.add_function(wrap_pyfunction!(writer::write_safetensors, m)?)?;
     m.add_function(wrap_pyfunction!(writer::write_safetensors_files, m)?)?;
+    m.add_function(wrap_pyfunction!(writer::start_write_safetensors, m)?)?;
     m.add_function(wrap_pyfunction!(writer::stage_bytes, m)?)?;
     m.add_function(wrap_pyfunction!(writer::stage_sized, m)?)?;
     m.add_function(wrap_pyfunction!(writer::wait_released, m)?)?;

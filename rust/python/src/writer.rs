@@ -5,6 +5,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::thread::JoinHandle;
 
 use fastadapter_core::atomic::{
     stage_bytes as core_stage_bytes, stage_sized as core_stage_sized, PendingFile as CorePending,
@@ -19,7 +20,7 @@ use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
 
-use crate::errors::{detached, to_py};
+use crate::errors::{detached, panic_error, to_py};
 
 /// A staged file: written to a hidden temp file beside its target, published by `commit()`.
 /// Dropping it (or `discard()`) removes the temp file.
@@ -119,49 +120,65 @@ pub fn write_safetensors_files(
 /// A file as handed over by Python: (path, tensors, metadata).
 type PyFile<'py> = (PathBuf, Vec<PyTensor<'py>>, Option<HashMap<String, String>>);
 
+/// A tensor's name, dtype and shape, checked; its bytes are in the matching buffer export.
+type Spec = (String, safetensors_dtype::Dtype, Vec<usize>);
+
+/// Export every tensor's buffer (C-contiguous) and parse its dtype. The exports pin the memory for as
+/// long as they are held.
+fn exports(tensors: Vec<PyTensor<'_>>) -> PyResult<(Vec<PyUntypedBuffer>, Vec<Spec>)> {
+    let mut buffers = Vec::with_capacity(tensors.len());
+    let mut specs = Vec::with_capacity(tensors.len());
+    for (name, dtype, shape, obj) in tensors {
+        let buffer = PyUntypedBuffer::get(&obj)?;
+        if !buffer.is_c_contiguous() {
+            return Err(PyValueError::new_err(format!(
+                "tensor `{name}`: buffer is not C-contiguous"
+            )));
+        }
+        let dtype = parse(&name, &dtype)?;
+        specs.push((name, dtype, shape));
+        buffers.push(buffer);
+    }
+    Ok((buffers, specs))
+}
+
+/// The bytes at `ptr` (an exported buffer's address) as a slice.
+///
+/// # Safety
+/// The export must be held, and the memory not written, for as long as the slice is used.
+unsafe fn exported<'a>(ptr: usize, len: usize) -> &'a [u8] {
+    match len {
+        // An empty export may carry a null pointer, which a slice must never hold.
+        0 => &[],
+        // SAFETY: as the caller promises.
+        len => unsafe { std::slice::from_raw_parts(ptr as *const u8, len) },
+    }
+}
+
 fn write_files(py: Python<'_>, files: Vec<PyFile<'_>>, fsync: bool) -> PyResult<Vec<PendingFile>> {
     // Hold every buffer export until the writes are done: that is what keeps the memory valid while
     // the GIL is released.
     let mut buffers: Vec<Vec<PyUntypedBuffer>> = Vec::with_capacity(files.len());
     let mut specs = Vec::with_capacity(files.len());
     for (path, tensors, metadata) in files {
-        let mut exports = Vec::with_capacity(tensors.len());
-        let mut named = Vec::with_capacity(tensors.len());
-        for (name, dtype, shape, obj) in tensors {
-            let buffer = PyUntypedBuffer::get(&obj)?;
-            if !buffer.is_c_contiguous() {
-                return Err(PyValueError::new_err(format!(
-                    "tensor `{name}`: buffer is not C-contiguous"
-                )));
-            }
-            let dtype = parse(&name, &dtype)?;
-            named.push((name, dtype, shape));
-            exports.push(buffer);
-        }
+        let (held, named) = exports(tensors)?;
         specs.push((path, named, metadata));
-        buffers.push(exports);
+        buffers.push(held);
     }
     let new_files: Vec<NewFile<'_>> = specs
         .into_iter()
         .zip(&buffers)
-        .map(|((target, named, metadata), exports)| NewFile {
+        .map(|((target, named, metadata), held)| NewFile {
             target,
             tensors: named
                 .into_iter()
-                .zip(exports)
+                .zip(held)
                 .map(|((name, dtype, shape), buffer)| TensorRef {
                     name,
                     dtype,
                     shape,
-                    data: match buffer.len_bytes() {
-                        // An empty export may carry a null pointer, which a slice must never hold.
-                        0 => &[],
-                        // SAFETY: the export in `buffers` pins this memory until `buffers` is
-                        // dropped, after the writes; it is only read.
-                        len => unsafe {
-                            std::slice::from_raw_parts(buffer.buf_ptr() as *const u8, len)
-                        },
-                    },
+                    // SAFETY: `buffers` holds the export until after the writes; it is only read.
+                    data: unsafe { exported(buffer.buf_ptr() as usize, buffer.len_bytes()) },
                 })
                 .collect(),
             metadata,
@@ -178,8 +195,97 @@ fn write_files(py: Python<'_>, files: Vec<PyFile<'_>>, fsync: bool) -> PyResult<
     Ok(staged.into_iter().map(PendingFile::wrap).collect())
 }
 
-/// Wait until the files replaced by earlier commits are freed (their release runs on a background
-/// thread, see `fastadapter_core::release`). For benchmarks and callers that need the space back now.
+/// A safetensors file being written on a thread of its own (`start_write_safetensors`).
+#[pyclass(module = "fastadapter._core")]
+pub struct WriteJob {
+    handle: Option<JoinHandle<Result<CorePending, Error>>>,
+    // Released only once the thread has been joined (`wait`, or Drop: fields drop after it).
+    buffers: Vec<PyUntypedBuffer>,
+}
+
+impl Drop for WriteJob {
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            let _ = h.join(); // a staged file is dropped with the result: its temp file goes
+        }
+    }
+}
+
+#[pymethods]
+impl WriteJob {
+    /// Block until the file is staged and return its `PendingFile`; raises the writer's error (an
+    /// `OSError` naming the file, ...). Once only.
+    fn wait(&mut self, py: Python<'_>) -> PyResult<PendingFile> {
+        let handle = self
+            .handle
+            .take()
+            .ok_or_else(|| PyRuntimeError::new_err("this WriteJob was already waited for"))?;
+        let joined = py.detach(|| handle.join());
+        self.buffers.clear(); // the thread is gone: the tensors' memory is free again
+        match joined {
+            Ok(Ok(pending)) => Ok(PendingFile::wrap(pending)),
+            Ok(Err(e)) => Err(to_py(e)),
+            Err(p) => Err(panic_error(&*p)),
+        }
+    }
+}
+
+/// `write_safetensors` on a new thread: the buffers are exported (and the arguments checked) here, then
+/// the file is planned and written without the GIL while the caller goes on; `wait()` gives the
+/// `PendingFile`. Dropping the job waits for the thread and discards the file.
+#[pyfunction]
+#[pyo3(signature = (path, tensors, metadata=None, fsync=false))]
+pub fn start_write_safetensors(
+    path: PathBuf,
+    tensors: Vec<PyTensor<'_>>,
+    metadata: Option<HashMap<String, String>>,
+    fsync: bool,
+) -> PyResult<WriteJob> {
+    let (buffers, specs) = exports(tensors)?;
+    let places: Vec<(usize, usize)> = buffers
+        .iter()
+        .map(|b| (b.buf_ptr() as usize, b.len_bytes()))
+        .collect();
+    let handle = std::thread::Builder::new()
+        .name("fastadapter-write".into())
+        .spawn(move || {
+            let refs: Vec<TensorRef<'_>> = specs
+                .into_iter()
+                .zip(places)
+                .map(|((name, dtype, shape), (ptr, len))| TensorRef {
+                    name,
+                    dtype,
+                    shape,
+                    // SAFETY: the job holds every export until this thread has been joined (wait()
+                    // or Drop); the bytes are only read.
+                    data: unsafe { exported(ptr, len) },
+                })
+                .collect();
+            let options = WriteOptions {
+                fsync,
+                ..WriteOptions::default()
+            };
+            core_write_files(
+                &[NewFile {
+                    target: path,
+                    tensors: refs,
+                    metadata,
+                }],
+                &options,
+                1,
+            )
+            .map(|mut staged| staged.pop().expect("one file in, one out"))
+        })
+        .map_err(|e| PyRuntimeError::new_err(format!("cannot start a writer thread: {e}")))?;
+    Ok(WriteJob {
+        handle: Some(handle),
+        buffers,
+    })
+}
+
+/// Wait until the files replaced by earlier commits are freed and replaced checkpoint directories
+/// deleted (both run on a background thread, see `fastadapter_core::release`). For benchmarks, callers
+/// that need the space back now, and the interpreter's exit.
 #[pyfunction]
 pub fn wait_released(py: Python<'_>) {
     py.detach(fastadapter_core::release::wait_released);
