@@ -202,9 +202,10 @@ def test_a_held_tensor_that_cannot_be_written_now_is_not_an_error(tmp_path: Path
     # dtype no safetensors file can: the selection no longer has it, so the save must not fail on it.
     model = make_peft(tiny_llama(), lora_config())
     fastadapter.save(model, tmp_path / "first")
-    held = _lora_a(model).weight
     attn = model.get_submodule("base_model.model.model.layers.0.self_attn")
-    attn.q_proj = attn.q_proj.get_base_layer()
+    removed = attn.q_proj  # held elsewhere: every tensor the last save wrote is still alive
+    attn.q_proj = removed.get_base_layer()
+    held = removed.lora_A["default"].weight
     held.data = torch.zeros(held.shape, dtype=torch.complex128)
     fastadapter.save(model, tmp_path / "ours")
     assert taken == []
