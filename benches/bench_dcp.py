@@ -5,7 +5,9 @@ with one `pwrite()` at its offset of one file the ranks share (`raw_write_shared
 one inode, whose lock serialises buffered writes); and `dcp_no_io`, a `dcp.save` through a plugin that
 plans and resolves every item but writes nothing (DCP's own cost: the plan collectives, pickling,
 resolving), which no plugin can go below. Loads are measured against `floor`: each rank reading as many
-bytes of the consolidated file with one `preadv()` into memory it holds (the one copy any reader makes).
+bytes of the consolidated file with one `preadv()` into memory it holds (the one copy any reader makes),
+and against `dcp_no_io`, a `dcp.load` through a reader that plans, resolves and commits every item but
+reads nothing (DCP's own cost of a load: what every plugin pays on top of its reads).
 
 64 tensors, `Shard(0)` over the ranks, fp32: 512 MiB on 2 ranks by default (64 MiB with
 FASTADAPTER_BENCH_QUICK=1); FASTADAPTER_BENCH_DCP_WORLD and FASTADAPTER_BENCH_DCP_MIB change both,
@@ -50,7 +52,7 @@ SAVE_CONTENDERS = (
     "raw_write_shared",
     "dcp_no_io",
 )
-LOAD_CONTENDERS = ("fastadapter", "torch_hf_reader", "floor")
+LOAD_CONTENDERS = ("fastadapter", "torch_hf_reader", "floor", "dcp_no_io")
 
 
 def _no_io_writer() -> type:
@@ -80,6 +82,24 @@ def _no_io_writer() -> type:
     return NoIoWriter
 
 
+def _no_io_reader() -> type:
+    from torch.futures import Future
+
+    from fastadapter.dcp import StorageReader
+
+    class NoIoReader(StorageReader):  # type: ignore[misc]
+        """Plans, resolves and commits every read item, reads nothing: DCP's own cost of a load."""
+
+        def read_data(self, plan: Any, planner: Any) -> Any:
+            for item in plan.items:
+                planner.commit_tensor(item, planner.resolve_tensor(item))
+            future: Future[None] = Future()
+            future.set_result(None)
+            return future
+
+    return NoIoReader
+
+
 def _worker(rank: int, port: int, conn: Any) -> None:
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
@@ -92,7 +112,7 @@ def _worker(rank: int, port: int, conn: Any) -> None:
 
     from fastadapter.dcp import StorageReader, StorageWriter
 
-    _NoIoWriter = _no_io_writer()
+    _NoIoWriter, _NoIoReader = _no_io_writer(), _no_io_reader()
     join(rank, port, WORLD)
     state, local = sharded_state(WORLD, TENSORS, ROWS, COLS)
     mesh = next(iter(state.values())).device_mesh
@@ -141,7 +161,10 @@ def _worker(rank: int, port: int, conn: Any) -> None:
                 os.close(fd)
             dist.barrier()
             return
-        reader = StorageReader(path) if contender == "fastadapter" else HuggingFaceStorageReader(path)
+        if contender == "dcp_no_io":
+            reader: Any = _NoIoReader(path)
+        else:
+            reader = StorageReader(path) if contender == "fastadapter" else HuggingFaceStorageReader(path)
         dcp.load(target, storage_reader=reader)
 
     while True:
@@ -205,5 +228,5 @@ def test_dcp_load(benchmark: Any, ranks: tuple[Ranks, Path], block: int, contend
     benchmark.group = f"dcp load of the consolidated checkpoint, {WORLD} gloo ranks, Shard(0)"
     benchmark.extra_info.update(contender=contender, block=block, bytes=NBYTES, tensors=TENSORS)
     benchmark.pedantic(lambda: r.run("load", contender, str(root / "readme")), rounds=ROUNDS, warmup_rounds=1)
-    if contender != "floor":
+    if contender not in ("floor", "dcp_no_io"):
         r.run("check", contender, "")
