@@ -10,6 +10,9 @@ is saved). Contenders, each called on every rank:
   storage the ranks do not share): every rank gathers the adapter (`full_tensor` each), rank 0 writes;
 - `peft_gathered`: what PEFT's `save_pretrained` needs for a sharded model: every rank gathers the
   adapter's DTensors (`full_tensor`), rank 0 calls `save_pretrained(dir, state_dict=full)`;
+- `checkpointer`: `Checkpointer(dir, async_save=False, fsync=False).save(0, model)` (DCP and
+  `fastadapter.dcp.StorageWriter` with PEFT's file and key names: `fastadapter.save`'s files plus the
+  checkpoint's metadata, published as `checkpoint-0`, nothing gathered);
 - `fastadapter_dcp` / `torch_filesystem`: `dcp.save` of the adapter's sharded state dict through
   `fastadapter.dcp.StorageWriter` (one consolidated `model.safetensors`) / DCP's `FileSystemWriter`;
 - `raw_write` (ceiling): each rank writes its shards' bytes with one `write()` to a new file of its own;
@@ -42,6 +45,7 @@ CONTENDERS = (
     "fastadapter_gathered",
     "peft_gathered",
     "fastadapter_dcp",
+    "checkpointer",
     "torch_filesystem",
     "raw_write",
     "raw_write_shared",
@@ -106,6 +110,8 @@ def _worker(rank: int, port: int, conn: Any) -> None:
             full = {k: v.full_tensor() for k, v in get_peft_model_state_dict(model).items()}
             if rank == 0:
                 model.save_pretrained(out, state_dict=full)
+        elif contender == "checkpointer":
+            fastadapter.Checkpointer(out, async_save=False, fsync=False).save(0, model)
         elif contender == "fastadapter_dcp":
             dcp.save(lora, storage_writer=StorageWriter(out, sync_files=False))
         elif contender == "torch_filesystem":
