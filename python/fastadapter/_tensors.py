@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
@@ -12,7 +12,7 @@ from ._dtypes import SAFETENSORS_TO_TORCH, TORCH_TO_SAFETENSORS
 from .errors import TensorError
 
 # (name, safetensors dtype, shape, C-contiguous buffer, any item type): what _core.write_safetensors takes.
-WriteRecord = tuple[str, str, list[int], memoryview]
+WriteRecord = tuple[str, str, Sequence[int], memoryview]
 
 # dtypes whose tensors numpy can view as they are (bfloat16 and the float8 types it cannot).
 _NUMPY_DTYPES = frozenset(
@@ -53,7 +53,18 @@ def write_record(name: str, tensor: torch.Tensor) -> WriteRecord:
 
 
 def write_records(state_dict: Mapping[str, torch.Tensor]) -> list[WriteRecord]:
-    return [write_record(name, t) for name, t in state_dict.items()]
+    """`write_record` of every tensor. The common case (contiguous CPU tensors numpy can view) is inlined:
+    this runs for every tensor of every save, on the path before the write starts."""
+    out: list[WriteRecord] = []
+    dtype_of = TORCH_TO_SAFETENSORS.get
+    for name, t in state_dict.items():
+        torch_dtype = t.dtype
+        dtype = dtype_of(torch_dtype)
+        if dtype is not None and torch_dtype in _NUMPY_DTYPES and t.is_contiguous():
+            out.append((name, dtype, t.shape, t.numpy(force=True).data))
+        else:
+            out.append(write_record(name, t))
+    return out
 
 
 def mapped_tensors(
