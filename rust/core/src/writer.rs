@@ -27,6 +27,18 @@ pub struct TensorRef<'a> {
     pub data: &'a [u8],
 }
 
+impl TensorRef<'_> {
+    /// What the layout needs to know of this tensor.
+    pub fn meta(&self) -> TensorMeta {
+        TensorMeta {
+            name: self.name.clone(),
+            dtype: self.dtype,
+            shape: self.shape.clone(),
+            nbytes: self.data.len(),
+        }
+    }
+}
+
 /// Called with (tensor index in the input, byte offset within that tensor, bytes) for every piece,
 /// on the thread that writes it, just before it is written: the bytes are then hot in cache, which makes
 /// checksumming while copying nearly free.
@@ -77,15 +89,7 @@ pub fn write_safetensors(
     metadata: Option<HashMap<String, String>>,
     options: WriteOptions,
 ) -> Result<PendingFile> {
-    let metas: Vec<TensorMeta> = tensors
-        .iter()
-        .map(|t| TensorMeta {
-            name: t.name.clone(),
-            dtype: t.dtype,
-            shape: t.shape.clone(),
-            nbytes: t.data.len(),
-        })
-        .collect();
+    let metas: Vec<TensorMeta> = tensors.iter().map(TensorRef::meta).collect();
     let layout = plan(&metas, metadata)?;
     let pending = PendingFile::create(target, options.fsync)?;
     write_layout(pending.file(), &layout, tensors, &options).map_err(|e| Error::io(target, e))?;
@@ -513,15 +517,7 @@ mod tests {
                 data: d,
             })
             .collect();
-        let metas: Vec<TensorMeta> = tensors
-            .iter()
-            .map(|t| TensorMeta {
-                name: t.name.clone(),
-                dtype: t.dtype,
-                shape: t.shape.clone(),
-                nbytes: t.data.len(),
-            })
-            .collect();
+        let metas: Vec<TensorMeta> = tensors.iter().map(TensorRef::meta).collect();
         let layout = plan(&metas, None).unwrap();
         let batches = batch(&pieces(&layout, &tensors));
         let block = BATCH_BYTES as u64;
