@@ -214,7 +214,7 @@ class Checkpointer:
             staging = _Staging(self.root, self.path(step), model_or_state_dict, self.fsync)
         with staging or contextlib.nullcontext():
             big, small = self._plan(step, model_or_state_dict, meta, per_rank)
-            small.append((META_NAME, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()))
+            small.append((META_NAME, _json_bytes(meta)))
             taken = {name for name, *_ in big} | {name for name, _ in small}
             for name, data in (files or {}).items():
                 if name in taken:
@@ -298,7 +298,7 @@ class Checkpointer:
             meta["kind"] = "full"
             state, layout, small = _full_state(obj), None, _config_file(obj)
         taken = set(small) | {file for file, _ in (layout or {}).values()}
-        small[META_NAME] = (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()
+        small[META_NAME] = _json_bytes(meta)
         for name, data in (files or {}).items():
             if name in taken or name == META_NAME:
                 raise ValueError(f"extra file {name!r} clashes with a checkpoint file")
@@ -684,7 +684,7 @@ def shard(
         "metadata": metadata,
         "weight_map": {key: file for file, s in named for key in s},
     }
-    return named, (json.dumps(index, indent=2, sort_keys=True) + "\n").encode()
+    return named, _json_bytes(index)
 
 
 def _drain(pending: collections.deque[_Pending]) -> None:
@@ -699,23 +699,13 @@ def _drain(pending: collections.deque[_Pending]) -> None:
 def _is_sharded(obj: Any) -> bool:
     """Whether `obj` (a module or a state dict) holds DTensors (FSDP2, tensor parallel) in a running
     torch.distributed job."""
-    import sys
-
-    tensor_module = sys.modules.get("torch.distributed.tensor")
-    if tensor_module is None:  # never imported: no DTensor can exist
+    if not _distributed():
         return False
-    import torch
+    from torch import nn
 
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return False
-    values = (
-        obj.parameters()
-        if isinstance(obj, torch.nn.Module)
-        else obj.values()
-        if isinstance(obj, Mapping)
-        else ()
-    )
-    return any(isinstance(v, tensor_module.DTensor) for v in values)
+    if isinstance(obj, nn.Module):
+        return any(map(_is_dtensor, obj.parameters()))
+    return isinstance(obj, Mapping) and any(map(_is_dtensor, obj.values()))
 
 
 def _in_place(

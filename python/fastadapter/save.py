@@ -91,9 +91,11 @@ def save(
     ahead = None
     if is_main_process and safe_serialization and path_initial_model_for_weight_conversion is None:
         from ._write_ahead import WriteAheads
+        from .hosts import host_for
 
         # Started before the selection runs (the generator runs it as save_planned consumes it).
-        weights = [os.path.join(subdir, ADAPTER_WEIGHTS) for _, subdir in _layout(model, selected_adapters)]
+        layout = host_for(model).save_layout(selected_adapters)
+        weights = [os.path.join(subdir, ADAPTER_WEIGHTS) for _, subdir in layout]
         ahead = WriteAheads(model, save_directory, weights, fsync)
     save_planned(planned, save_directory, safe_serialization, fsync, ahead)
 
@@ -130,12 +132,6 @@ def save_planned(
 # What one adapter save consists of: (path relative to the save directory, content); weights are
 # given as the state dict under the safetensors name, the caller decides how to serialise them.
 PlannedFile = tuple[str, "dict[str, torch.Tensor] | bytes"]
-
-
-def _layout(model: nn.Module, selected_adapters: Sequence[str] | None) -> list[tuple[str, str]]:
-    from .hosts import host_for
-
-    return host_for(model).save_layout(selected_adapters)
 
 
 def adapter_files(
