@@ -8,6 +8,7 @@ never ignored. Unknown fields (from a newer peft) are accepted only when they ar
 from __future__ import annotations
 
 import copy
+import enum
 import json
 import os
 from collections.abc import Callable, Mapping
@@ -108,7 +109,7 @@ class AdapterConfig:
         self.__dict__["_values"][name] = value
 
     def __copy__(self) -> AdapterConfig:
-        return AdapterConfig(copy.deepcopy(self.__dict__["_values"]))
+        return AdapterConfig(_own_values(self.__dict__["_values"]))
 
     def __repr__(self) -> str:
         return f"AdapterConfig({self.__dict__['_values']!r})"
@@ -118,6 +119,24 @@ class AdapterConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return copy.deepcopy(self.__dict__["_values"])
+
+
+_IMMUTABLE = (str, int, float, bool, type(None), enum.Enum, frozenset, tuple, bytes)
+
+
+def _own_values(values: dict[str, Any]) -> dict[str, Any]:
+    """What `copy.deepcopy(values)` gives, deep-copying only the mutable values (a config holds a few
+    containers among ~60 scalars; a hotswap copies a config on every swap)."""
+    return {k: v if isinstance(v, _IMMUTABLE) else copy.deepcopy(v) for k, v in values.items()}
+
+
+def own_copy(config: Any) -> Any:
+    """A copy of `config` (fastadapter's AdapterConfig or a PEFT config) sharing nothing mutable with it."""
+    if isinstance(config, AdapterConfig):
+        return copy.copy(config)
+    out = copy.copy(config)
+    vars(out).update(_own_values(vars(out)))
+    return out
 
 
 STATE_ATTR = "_fastadapter"  # where a model injected by fastadapter keeps its AdapterState

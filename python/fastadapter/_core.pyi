@@ -9,6 +9,7 @@ from typing_extensions import Buffer
 
 __all__ = [
     "CheckpointJob",
+    "ChunkReads",
     "PendingFile",
     "Progress",
     "SafetensorsFile",
@@ -187,6 +188,18 @@ def write_chunks(
 
 def publish_dir(staging: str | PathLike[str], target: str | PathLike[str], fsync: bool = False) -> Path:
     """Rename the written directory `staging` to `target`, atomically replacing a previous one."""
+
+@final
+class ChunkReads:
+    """The blocks of `read_chunks`, checked and held once, for reading files laid out alike into the
+    same buffers again and again."""
+
+    def __new__(
+        cls, chunks: Sequence[tuple[str, Buffer, int, int, Sequence[int], Sequence[int], Sequence[int]]]
+    ) -> ChunkReads: ...
+    def read(self, path: str | PathLike[str], replace_pages: bool = False) -> int:
+        """`read_chunks(path, chunks, replace_pages)`; reads from several threads take turns."""
+    def __len__(self) -> int: ...
 
 def read_chunks(
     path: str | PathLike[str],

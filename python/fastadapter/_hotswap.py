@@ -20,8 +20,6 @@ model holds (the weights are zero-padded: the extra rows / columns contribute no
 
 from __future__ import annotations
 
-import copy
-import enum
 import math
 import os
 import re
@@ -31,7 +29,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ._core import SafetensorsFile, map_file_over, read_chunks
+from ._config import own_copy
+from ._core import SafetensorsFile, map_file_over
 from ._device_load import to_devices
 from ._inject import pattern_key
 from ._read import Incoming, read_weights, select_records
@@ -145,22 +144,12 @@ def _new_config(host: AdapterHost, directory: str, *, is_trainable: bool) -> Any
             _CONFIGS.popitem(last=False)
     else:
         _CONFIGS.move_to_end(key)
-    return _own_copy(built)
+    return own_copy(built)
 
 
 # (host type, adapter_config.json's bytes, is_trainable) -> the config built from them, latest used last.
 _CONFIGS: OrderedDict[tuple[type, bytes, bool], Any] = OrderedDict()
 _CONFIGS_KEPT = 64
-_IMMUTABLE = (str, int, float, bool, type(None), enum.Enum, frozenset, tuple, bytes)
-
-
-def _own_copy(config: Any) -> Any:
-    out = copy.copy(config)
-    fields = vars(out)
-    for key, value in fields.items():
-        if not isinstance(value, _IMMUTABLE):
-            fields[key] = copy.deepcopy(value)
-    return out
 
 
 def _kept_or_open(tuned: nn.Module, name: str, config: Any, directory: str) -> tuple[Plan | None, Incoming]:
@@ -198,7 +187,7 @@ def _write(swap: Plan, where: str, staged: dict[int, torch.Tensor]) -> None:
         if swap.reads:
             # The weights are usually views of the private mapping of the file they were loaded from:
             # writing them page by page would copy each page first (copy-on-write).
-            read_chunks(where, swap.reads, replace_pages=not swap.written)
+            swap.reads.read(where, replace_pages=not swap.written)
             swap.written = True
         for existing, value in swap.copies:
             existing.copy_(staged.get(id(value), value))
@@ -407,7 +396,7 @@ def _held_config(config: Any, held: dict[str, tuple[int, int, float]]) -> Any:
     alpha)): rank R, alpha scaled so each layer keeps its scaling. `config` itself when nothing is padded."""
     if all(big == small for big, small, _ in held.values()):
         return config
-    out = copy.copy(config) if type(config).__name__ == "AdapterConfig" else copy.deepcopy(config)
+    out = own_copy(config)
     ranks = {p: big for p, (big, _, _) in held.items()}
     alphas = {
         p: alpha * (math.sqrt(big / small) if config.use_rslora else big / small)

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ._assign import _resolve_model_tensor, check_shape, slot_suffixes
-from ._core import SafetensorsFile
+from ._core import ChunkReads, SafetensorsFile
 from ._read import Incoming
 from ._tensors import mapped_tensors, mapping_of
 from .errors import MissingTensorError, TargetModuleError, TensorError, UnsupportedAdapterError
@@ -75,7 +75,7 @@ class Plan:
     paths: list[str]  # every module path the walk met (PEFT's key-collision check)
     targeted: dict[str, tuple[Any, int]]
     held: dict[str, int]
-    reads: list[Chunk]
+    reads: ChunkReads  # the file's tensors read straight into their place
     zeros: list[torch.Tensor]
     copies: list[tuple[torch.Tensor, torch.Tensor]]
     others: bool
@@ -221,7 +221,7 @@ def plan(
         paths=paths,
         targeted={p: (x.module, rank_of(x.incoming)) for p, x in layers.items() if x.incoming},
         held={p: x.held_rank for p, x in layers.items()},
-        reads=reads,
+        reads=ChunkReads(reads),
         zeros=zeros,
         copies=copies,
         others=bool(others),

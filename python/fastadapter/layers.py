@@ -160,6 +160,10 @@ class LoraLayer(nn.Module):
     dropout_p: dict[str, float]
     active_adapters: list[str]
     disable_adapters: bool
+    # PEFT's layers list their merged adapters here. These never hold one: only `unload(merge=True)`
+    # merges, and it replaces the layer by its base. A class attribute, so a hotswap's check of every
+    # layer finds it without nn.Module's failing __getattr__.
+    merged_adapters: tuple[str, ...] = ()
 
     def __init__(self, base_layer: Any) -> None:
         init_module(self)

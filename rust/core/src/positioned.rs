@@ -301,10 +301,20 @@ pub fn read_chunks(path: &Path, chunks: &mut [ReadChunk<'_>], replace_pages: boo
     }
     // What the page cache holds is read here, without waiting on the disk (RWF_NOWAIT): a warm file
     // costs no thread (spawning them, on a cached 8 MiB file, took longer than the copy), and the
-    // first read that would wait hands the rest to the parallel readers.
+    // first read that would wait hands the rest to the parallel readers. RWF_NOWAIT also stops at a
+    // cached page marked for read-ahead (a file read before has them): so on a stall the page cache is
+    // asked whether it holds the rest, and if it does the rest is read here too.
+    let end = batches.last().map_or(0, |b| b.offset + b.len() as u64);
     let mut warm = 0;
     while warm < batches.len() && read_batch(&file, &mut batches[warm], true).at(path)? {
         warm += 1;
+    }
+    if let Some(stalled) = batches.get(warm) {
+        let from = stalled.offset;
+        if crate::prefetch::page_cache_holds(&file, from, end - from) == Some(true) {
+            read_all(&mut batches[warm..])?;
+            return Ok(total as u64);
+        }
     }
     let rest = &mut batches[warm..];
     let left: usize = rest.iter().map(ReadBatch::len).sum();
@@ -586,10 +596,21 @@ mod tests {
     }
 
     #[test]
+    fn a_cached_file_read_before_by_read_ahead_gives_the_same_bytes() {
+        // Its pages carry read-ahead marks, where RWF_NOWAIT stops although they are cached: the rest
+        // is found cached and read on the calling thread.
+        large_reads_after(false, Some(0), true);
+    }
+
+    #[test]
     fn reads_into_discarded_pages_give_the_same_bytes() {
         // Destinations full of other bytes: the pages discarded first are all rewritten.
         large_reads(true, None);
         large_reads(true, Some(0));
+    }
+
+    fn large_reads(replace_pages: bool, evict_from: Option<usize>) {
+        large_reads_after(replace_pages, evict_from, false);
     }
 
     /// Drop the page cache of `path` from `from` on (written back first, so the pages can go).
@@ -642,7 +663,7 @@ mod tests {
         assert_eq!(std::fs::read(&old_path).unwrap(), old);
     }
 
-    fn large_reads(replace_pages: bool, evict_from: Option<usize>) {
+    fn large_reads_after(replace_pages: bool, evict_from: Option<usize>, read_first: bool) {
         // 3 tensors in one file: a 10 MiB one (pieces of 4 MiB), 64 small ones, a column block of a
         // third (strided runs); destinations given out of file order. Over PARALLEL_FROM in all.
         let big = 10 << 20;
@@ -655,6 +676,9 @@ mod tests {
         std::fs::write(&path, &whole).unwrap();
         if let Some(from) = evict_from {
             evict(&path, from);
+        }
+        if read_first {
+            assert!(std::fs::read(&path).unwrap() == whole);
         }
         let mut big_buf = vec![0xABu8; big];
         let mut small_bufs = vec![vec![0xABu8; small]; 64];

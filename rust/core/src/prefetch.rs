@@ -141,6 +141,57 @@ pub fn all_resident(map: &[u8], path: &Path) -> Result<bool> {
     resident(map).map_err(|e| Error::io(path, e))
 }
 
+/// Whether the page cache holds every page of `file`'s bytes `[offset, offset + len)`, asked without
+/// a mapping (`cachestat`, Linux 6.5: one syscall). None where the kernel does not answer: an older
+/// kernel, or a file this process may not ask about (the rule of `mincore`, see the module's note).
+#[cfg(target_os = "linux")]
+pub fn page_cache_holds(file: &std::fs::File, offset: u64, len: u64) -> Option<bool> {
+    use std::os::fd::AsRawFd;
+    // By hand: libc 0.2 declares neither the syscall's number for x86_64 glibc nor its structs. 451
+    // is cachestat's number on every architecture (the unified table).
+    const SYS_CACHESTAT: libc::c_long = 451;
+    #[repr(C)]
+    struct Range {
+        off: u64,
+        len: u64,
+    }
+    #[repr(C)]
+    #[derive(Default)]
+    struct Stat {
+        nr_cache: u64,
+        nr_dirty: u64,
+        nr_writeback: u64,
+        nr_evicted: u64,
+        nr_recently_evicted: u64,
+    }
+    if len == 0 {
+        return Some(true);
+    }
+    let range = Range { off: offset, len };
+    let mut stat = Stat::default();
+    // SAFETY: both pointers are to live, properly laid out structs; flags must be 0.
+    let rc = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            file.as_raw_fd(),
+            &range as *const Range,
+            &mut stat as *mut Stat,
+            0 as libc::c_uint,
+        )
+    };
+    if rc != 0 {
+        return None;
+    }
+    let page = page_size() as u64;
+    let pages = (offset + len - 1) / page - offset / page + 1;
+    Some(stat.nr_cache >= pages)
+}
+
+#[cfg(not(target_os = "linux"))]
+pub fn page_cache_holds(_file: &std::fs::File, _offset: u64, _len: u64) -> Option<bool> {
+    None
+}
+
 fn piece_of(map: &[u8], i: usize) -> &[u8] {
     &map[i * PIECE..((i + 1) * PIECE).min(map.len())]
 }
@@ -209,6 +260,23 @@ mod tests {
     use crate::reader::SafetensorsFile;
     use std::io::Write;
     use std::os::unix::io::AsRawFd;
+
+    #[test]
+    fn page_cache_holds_says_what_is_cached() {
+        let (f, bytes) = file_of(1 << 20);
+        let file = f.as_file();
+        let len = bytes.len() as u64;
+        let Some(all) = page_cache_holds(file, 0, len) else {
+            return; // a kernel before 6.5: the callers take it as "don't know"
+        };
+        assert!(all, "a file just written is cached");
+        assert_eq!(page_cache_holds(file, 5, 0), Some(true));
+        evict(&f);
+        assert_eq!(page_cache_holds(file, 0, len), Some(false));
+        assert_eq!(page_cache_holds(file, 4096 + 100, 10), Some(false));
+        assert!(std::fs::read(f.path()).unwrap() == bytes);
+        assert_eq!(page_cache_holds(file, 0, len), Some(true));
+    }
 
     /// A valid safetensors file of one U8 tensor of `n` bytes (a pattern, not zeros), flushed to disk.
     fn file_of(n: usize) -> (tempfile::NamedTempFile, Vec<u8>) {

@@ -21,6 +21,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<writer::WriteJob>()?;
     m.add_class::<convert::Progress>()?;
     m.add_class::<checkpoint::CheckpointJob>()?;
+    m.add_class::<positioned::ChunkReads>()?;
     m.add_function(wrap_pyfunction!(checkpoint::publish_checkpoint, m)?)?;
     m.add_function(wrap_pyfunction!(checkpoint::checkpoint_steps, m)?)?;
     m.add_function(wrap_pyfunction!(checkpoint::clean_stale_checkpoints, m)?)?;

@@ -133,45 +133,80 @@ pub fn read_chunks(
     chunks: Vec<PyReadChunk>,
     replace_pages: bool,
 ) -> PyResult<u64> {
-    let mut spans: Vec<(usize, usize)> = Vec::with_capacity(chunks.len());
-    for (name, buffer, ..) in &chunks {
-        if buffer.readonly() || !buffer.is_c_contiguous() {
-            return Err(PyValueError::new_err(format!(
-                "`{name}`: the destination must be a writable C-contiguous buffer"
-            )));
+    ChunkReads::new(chunks)?.read(py, path, replace_pages)
+}
+
+/// The blocks of [`read_chunks`], checked and held once, for a caller that reads files laid out alike
+/// into the same buffers again and again (a hotswap plan): taking 128 chunk tuples apart cost about as
+/// much as reading their 8 MiB from the page cache. Holds each buffer's export, so the memory stays
+/// valid while it lives.
+#[pyclass(module = "fastadapter._core", frozen)]
+pub struct ChunkReads {
+    chunks: Vec<PyReadChunk>,
+    // Held while reading: two reads into the same buffers at once (the GIL is released) would hand out
+    // two `&mut` slices of one memory.
+    reading: std::sync::Mutex<()>,
+}
+
+#[pymethods]
+impl ChunkReads {
+    #[new]
+    fn new(chunks: Vec<PyReadChunk>) -> PyResult<Self> {
+        let mut spans: Vec<(usize, usize)> = Vec::with_capacity(chunks.len());
+        for (name, buffer, ..) in &chunks {
+            if buffer.readonly() || !buffer.is_c_contiguous() {
+                return Err(PyValueError::new_err(format!(
+                    "`{name}`: the destination must be a writable C-contiguous buffer"
+                )));
+            }
+            spans.push((buffer.buf_ptr() as usize, buffer.len_bytes()));
         }
-        spans.push((buffer.buf_ptr() as usize, buffer.len_bytes()));
+        // Two `&mut` slices of one memory would be undefined behaviour: refuse overlapping destinations.
+        spans.retain(|s| s.1 > 0);
+        spans.sort_unstable();
+        if spans.windows(2).any(|w| w[0].0 + w[0].1 > w[1].0) {
+            return Err(PyValueError::new_err("destination buffers overlap"));
+        }
+        Ok(Self {
+            chunks,
+            reading: std::sync::Mutex::new(()),
+        })
     }
-    // Two `&mut` slices of one memory would be undefined behaviour: refuse overlapping destinations.
-    let mut sorted: Vec<&(usize, usize)> = spans.iter().filter(|s| s.1 > 0).collect();
-    sorted.sort_unstable();
-    if sorted.windows(2).any(|w| w[0].0 + w[0].1 > w[1].0) {
-        return Err(PyValueError::new_err("destination buffers overlap"));
-    }
-    detached(py, || {
-        let mut plan: Vec<ReadChunk<'_>> = chunks
-            .iter()
-            .zip(&spans)
-            .map(
-                |((name, _, tensor_offset, itemsize, shape, offsets, sizes), &(ptr, len))| {
-                    ReadChunk {
+
+    /// Read every block from `path` (see [`read_chunks`]); reads of one object from several threads
+    /// take turns.
+    #[pyo3(signature = (path, replace_pages=false))]
+    fn read(&self, py: Python<'_>, path: PathBuf, replace_pages: bool) -> PyResult<u64> {
+        detached(py, || {
+            let _turn = self.reading.lock().unwrap_or_else(|e| e.into_inner());
+            let mut plan: Vec<ReadChunk<'_>> = self
+                .chunks
+                .iter()
+                .map(
+                    |(name, buffer, tensor_offset, itemsize, shape, offsets, sizes)| ReadChunk {
                         name,
-                        data: match len {
+                        data: match buffer.len_bytes() {
                             // An empty export may carry a null pointer, which a slice must never hold.
                             0 => &mut [],
-                            // SAFETY: each export in `chunks` pins its writable memory until this function
-                            // returns, and no two of them overlap (checked above).
-                            len => unsafe { std::slice::from_raw_parts_mut(ptr as *mut u8, len) },
+                            // SAFETY: each export is held by `self` (the memory stays valid), is
+                            // writable, and no two of them overlap (checked in `new`).
+                            len => unsafe {
+                                std::slice::from_raw_parts_mut(buffer.buf_ptr() as *mut u8, len)
+                            },
                         },
                         tensor_offset: *tensor_offset,
                         itemsize: *itemsize,
                         shape,
                         offsets,
                         sizes,
-                    }
-                },
-            )
-            .collect();
-        core_read(&path, &mut plan, replace_pages)
-    })
+                    },
+                )
+                .collect();
+            core_read(&path, &mut plan, replace_pages)
+        })
+    }
+
+    fn __len__(&self) -> usize {
+        self.chunks.len()
+    }
 }
