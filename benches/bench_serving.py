@@ -19,7 +19,7 @@ each adapter r=16 on q/k/v/o (8 MB in fp32), written once with random weights.
   switch by switch in turn, per host; PEFT's `PeftModel.set_adapter` as the peer.
 - hotswap: `fastadapter.hotswap` vs PEFT's `hotswap_adapter` on a PeftModel (same file, warm cache), per
   host and per kind of weights (see `swap_model`), and two floors: read the file once (one `read()` into
-  a page-aligned buffer), and the copy alone that a swap into weights of their own makes (`read_chunks`
+  a page-aligned buffer), and the copy alone that a swap into weights of their own makes (`ChunkReads`
   of every tensor into its weight, planned beforehand). Each contender's rounds alternate with the
   floor's, and its ratio is to the floor of its own rounds.
 """
@@ -234,10 +234,10 @@ def swap_model(host: str, dirs: list[Path]) -> tuple[nn.Module, str]:
     return first_loaded("peft" if host == "peft_hotswap_adapter" else host, dirs[0]), "x0"
 
 
-def copy_chunks(path: Path, model: nn.Module, name: str) -> list[Any]:
-    """`_core.read_chunks`' reads of every tensor of `path` into the adapter's weights: the copy a swap
-    into weights of their own makes, and nothing else."""
-    from fastadapter._core import SafetensorsFile
+def copy_chunks(path: Path, model: nn.Module, name: str) -> Any:
+    """The reads of every tensor of `path` into the adapter's weights, held as a swap plan holds them
+    (`_core.ChunkReads`): the copy a swap into weights of their own makes, and nothing else."""
+    from fastadapter._core import ChunkReads, SafetensorsFile
 
     weights = dict(model.named_parameters())
     chunks = []
@@ -247,7 +247,7 @@ def copy_chunks(path: Path, model: nn.Module, name: str) -> list[Any]:
         chunks.append(
             (key, live.detach().view(-1).view(torch.uint8).numpy().data, start, 4, shape, [0, 0], shape)
         )
-    return chunks
+    return ChunkReads(chunks)
 
 
 def interleaved(fns: list[Callable[[int], Any]], rounds: int) -> list[float]:
@@ -266,8 +266,6 @@ HOTSWAP_HOSTS = ("peft", "peft_second", "transformers", "fastadapter", "peft_hot
 def bench_hotswap(dirs: list[Path], rounds: int = 20) -> dict[str, Any]:
     """Each contender's swaps alternate with the floor's reads (the same file), so every ratio compares
     rounds taken side by side; `floor_read_once` is the median over all of them."""
-    from fastadapter._core import read_chunks
-
     rows: dict[str, Any] = {}
     files = [d / "adapter_model.safetensors" for d in dirs[1:3]]
     # Page-aligned memory: the kernel's copy into a `bytearray` (malloc'd, 16 bytes past a page) ran
@@ -287,7 +285,7 @@ def bench_hotswap(dirs: list[Path], rounds: int = 20) -> dict[str, Any]:
         floors.append(f)
         if host == "peft":
             chunks = [copy_chunks(path, model, name) for path in files]
-            c, f = interleaved([lambda i: read_chunks(str(files[i % 2]), chunks[i % 2]), floor], rounds)  # noqa: B023
+            c, f = interleaved([lambda i: chunks[i % 2].read(str(files[i % 2])), floor], rounds)  # noqa: B023
             rows["floor_copy_into_weights"], rows["floor_copy"] = c * 1e3, f * 1e3
             floors.append(f)
     rows["floor_read_once"] = statistics.median(floors) * 1e3
