@@ -154,7 +154,10 @@ def bench_loads(dirs: list[Path]) -> dict[str, Any]:
         times, reference = load_times(host, dirs[: n + 1])
         gc.collect()
         first, last = statistics.median(times[:10]), statistics.median(times[-10:])
-        beside = statistics.median(reference[-10:])
+        beside, beside_first = statistics.median(reference[-10:]), statistics.median(reference[:10])
+        # Each end against the reference's loads at the same moments: what the count adds, with the
+        # VM's speed steps divided out (the reference's own loads moved by up to 1.6x between the ends).
+        growth = (last / beside) / (first / beside_first)
         rows[host] = {
             "n": n,
             "first10_ms": first * 1e3,
@@ -162,11 +165,13 @@ def bench_loads(dirs: list[Path]) -> dict[str, Any]:
             "ratio": last / first,
             "reference_last10_ms": beside * 1e3,
             "ratio_to_reference": last / beside,
+            "reference_first10_ms": beside_first * 1e3,
+            "growth_vs_reference": growth,
         }
         print(
             f"loads  {host:20s} n={n:3d} first10 {first * 1e3:7.2f} ms  last10 {last * 1e3:7.2f} ms  "
             f"last/first {last / first:5.2f}  reference beside last10 {beside * 1e3:7.2f} ms  "
-            f"last/reference {last / beside:5.2f}",
+            f"last/reference {last / beside:5.2f}  growth vs reference {growth:5.2f}",
             flush=True,
         )
     return rows
