@@ -132,10 +132,9 @@ def _own_values(values: dict[str, Any]) -> dict[str, Any]:
 
 def own_copy(config: Any) -> Any:
     """A copy of `config` (fastadapter's AdapterConfig or a PEFT config) sharing nothing mutable with it."""
-    if isinstance(config, AdapterConfig):
-        return copy.copy(config)
     out = copy.copy(config)
-    vars(out).update(_own_values(vars(out)))
+    if not isinstance(config, AdapterConfig):  # AdapterConfig's __copy__ already owns its values
+        vars(out).update(_own_values(vars(out)))
     return out
 
 
